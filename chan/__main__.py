@@ -1,0 +1,105 @@
+"""python -m chan <command>: inspect datasets, extract region features, train and evaluate CHAN."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    from .data import open_dataset
+
+    print(open_dataset(args.data).summary())
+
+
+def _cmd_extract(args: argparse.Namespace) -> None:
+    from .data import open_dataset
+    from .features import extract
+    from .regions import RegionSettings
+
+    dataset = open_dataset(args.data).split(args.split)
+    settings = RegionSettings(num_regions=args.regions, backbone=args.backbone, image_size=args.image_size)
+    table = extract(dataset, args.out, settings, batch_size=args.batch_size)
+    print(f"{args.out}: {len(table.photo_ids)} photos x {table.features.shape[1]} regions x {table.features.shape[2]} dims")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .train import TrainConfig, train
+
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
+    train(config)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_command
+
+    evaluate_command(args.checkpoint, args.data, args.split, args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="python -m chan", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="print photos and captions per split and the dataset's quirks")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: %(default)s)")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("extract", help="region features for a dataset (resumable, fp16)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: %(default)s)")
+    p.add_argument("--split", help="only this split (default: every photo)")
+    p.add_argument("--out", type=Path, required=True, help="the .safetensors feature file to write or complete")
+    p.add_argument("--regions", type=int, default=36, help="regions per photo (default: %(default)s)")
+    p.add_argument("--backbone", default="efficientnet-lite0", choices=["efficientnet-lite0", "efficientnet-lite2"])
+    p.add_argument("--image-size", type=int, default=320, help="backbone input side in pixels (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="photos per batch (default: %(default)s)")
+    p.set_defaults(func=_cmd_extract)
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train CHAN (or the SCAN / global baselines) with dev-RSUM model selection")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset with train and dev splits (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint path (.safetensors); resumes if its run state exists")
+    p.add_argument("--text-encoder", choices=["bert", "bigru"], default=d.text_encoder)
+    p.add_argument("--similarity", choices=["hard", "soft", "global"], default=d.similarity,
+                   help="hard: CHAN; soft: SCAN t2i attention; global: pooled-vector baseline (default: %(default)s)")
+    p.add_argument("--pooling", choices=["mean", "lse"], default=None, help="word pooling (default: mean for bert, lse for bigru)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--lr-step", type=int, default=d.lr_step, help="epoch at which lr drops x0.1 (default: %(default)s)")
+    p.add_argument("--margin", type=float, default=d.margin, help="triplet margin (default: %(default)s)")
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="joint space D (default: %(default)s)")
+    p.add_argument("--finetune-layers", type=int, default=d.finetune_layers,
+                   help="top BERT layers trained (default: %(default)s)")
+    p.add_argument("--self-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="region self-attention block (default: on for bigru, off for bert)")
+    p.add_argument("--max-photos", type=int, default=None, help="use only the first N train photos (quick runs)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="R@1/5/10 both ways, RSUM, median and mean rank")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the checkpoint the app loads")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: %(default)s)")
+    p.add_argument("--split", default=None, help="default: test where the dataset has one, else every photo")
+    p.add_argument("--json", type=Path, default=None, help="also write the metrics as flat JSON")
+    p.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # our errors are ValueErrors with a message for the user
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

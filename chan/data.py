@@ -1,0 +1,196 @@
+"""Captioned photo collections: the Flickr8k and COCO layouts, or a plain image folder.
+
+`open_dataset(path)` recognises the layout and returns one `Dataset` type whatever it is.
+Real-world quirks (orphan captions, photos in no split, duplicates, bad bytes) are counted
+in `Dataset.quirks` and logged once, never fatal.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+LAYOUTS = (
+    "Flickr8k (Flickr8k_text/Flickr8k.token.txt + split lists + Flicker8k_Dataset/)",
+    "COCO captions (annotations/captions_<split>.json beside the <split>/ image folder)",
+    "a plain folder of images (no captions)",
+)
+
+
+class DatasetError(ValueError):
+    """The folder is not a dataset layout we can read."""
+
+
+@dataclass(frozen=True)
+class Photo:
+    id: str  # file name relative to the image folder; unique within a dataset
+    path: Path
+    split: str | None
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    photo_id: str
+
+
+@dataclass
+class Dataset:
+    root: Path
+    layout: str
+    photos: list[Photo]
+    captions: list[Caption]
+    quirks: Counter = field(default_factory=Counter)
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({p.split for p in self.photos if p.split is not None})
+
+    def split(self, name: str | None) -> "Dataset":
+        """The photos of one split and their captions; None keeps every photo."""
+        if name is None:
+            return self
+        if name not in self.splits:
+            raise DatasetError(f"{self.root}: no split {name!r}; this dataset has {self.splits or 'no splits'}")
+        photos = [p for p in self.photos if p.split == name]
+        ids = {p.id for p in photos}
+        captions = [c for c in self.captions if c.photo_id in ids]
+        return Dataset(self.root, self.layout, photos, captions, Counter(self.quirks))
+
+    def default_split(self) -> str | None:
+        """`test` where the dataset has one, otherwise every photo (None)."""
+        return "test" if "test" in self.splits else None
+
+    def captions_by_photo(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {p.id: [] for p in self.photos}
+        for c in self.captions:
+            out[c.photo_id].append(c.text)
+        return out
+
+    def summary(self) -> str:
+        """Photos and captions per split, then each quirk with its count."""
+        lines = [f"{self.root} ({self.layout}): {len(self.photos)} photos, {len(self.captions)} captions"]
+        per_photo = Counter(c.photo_id for c in self.captions)
+        for name in self.splits + ([None] if any(p.split is None for p in self.photos) else []):
+            ids = [p.id for p in self.photos if p.split == name]
+            n_caps = sum(per_photo[i] for i in ids)
+            lines.append(f"  {name or '(no split)':<12} {len(ids):>7} photos {n_caps:>8} captions")
+        for quirk, n in sorted(self.quirks.items()):
+            lines.append(f"  quirk: {quirk}: {n}")
+        return "\n".join(lines)
+
+
+def _read_text(path: Path, quirks: Counter) -> list[str]:
+    """Lines of a text file; undecodable bytes are replaced and counted."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    bad = sum("\ufffd" in line for line in lines)
+    if bad:
+        quirks[f"lines with undecodable bytes in {path.name} (replaced)"] += bad
+    return lines
+
+
+def _clean_captions(pairs: list[tuple[str, str]], known: set[str], quirks: Counter) -> list[Caption]:
+    """Drop empty captions and those whose photo is missing; count duplicates (kept)."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for photo_id, text in pairs:
+        text = " ".join(text.split())
+        if photo_id not in known:
+            quirks["captions whose photo is missing (dropped)"] += 1
+        elif not text:
+            quirks["empty captions (dropped)"] += 1
+        else:
+            key = (photo_id, text.lower())
+            if key in seen:
+                quirks["duplicate captions of the same photo (kept)"] += 1
+            seen.add(key)
+            out.append(Caption(text, photo_id))
+    return out
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _read_flickr8k(root: Path) -> Dataset:
+    text_dir, image_dir = root / "Flickr8k_text", root / "Flicker8k_Dataset"
+    quirks: Counter = Counter()
+    files = {p.name: p for p in _image_files(image_dir)}
+    split_of: dict[str, str] = {}
+    for split in ("train", "dev", "test"):
+        list_file = text_dir / f"Flickr_8k.{split}Images.txt"
+        if not list_file.exists():
+            quirks[f"missing split list {list_file.name}"] += 1
+            continue
+        for name in _read_text(list_file, quirks):
+            name = name.strip()
+            if not name:
+                continue
+            if name not in files:
+                quirks["photos in a split list whose file is missing"] += 1
+            split_of[name] = split
+    photos = [Photo(name, path, split_of.get(name)) for name, path in sorted(files.items())]
+    no_split = sum(p.split is None for p in photos)
+    if no_split:
+        quirks["photos in no split"] += no_split
+    pairs = []
+    for line in _read_text(text_dir / "Flickr8k.token.txt", quirks):
+        if not line.strip():
+            continue
+        key, _, text = line.partition("\t")
+        pairs.append((key.rsplit("#", 1)[0], text))
+    captions = _clean_captions(pairs, set(files), quirks)
+    return Dataset(root, "flickr8k", photos, captions, quirks)
+
+
+def _read_coco(root: Path) -> Dataset:
+    quirks: Counter = Counter()
+    photos: list[Photo] = []
+    pairs: list[tuple[str, str]] = []
+    for ann_file in sorted((root / "annotations").glob("captions_*.json")):
+        split = ann_file.stem.removeprefix("captions_")
+        image_dir = root / split
+        try:
+            ann = json.loads(ann_file.read_bytes().decode("utf-8", errors="replace"))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{ann_file}: not valid JSON ({e})") from e
+        name_of = {}
+        for image in ann.get("images", []):
+            path = image_dir / image["file_name"]
+            if path.is_file():
+                name_of[image["id"]] = f"{split}/{image['file_name']}"
+                photos.append(Photo(name_of[image["id"]], path, split))
+            else:
+                quirks["photos in the annotations whose file is missing"] += 1
+        for a in ann.get("annotations", []):
+            pairs.append((name_of.get(a["image_id"], f"missing:{a['image_id']}"), a.get("caption") or ""))
+    captions = _clean_captions(pairs, {p.id for p in photos}, quirks)
+    return Dataset(root, "coco", photos, captions, quirks)
+
+
+def _read_folder(root: Path) -> Dataset:
+    photos = [Photo(str(p.relative_to(root)), p, None) for p in _image_files(root)]
+    return Dataset(root, "folder", photos, [], Counter())
+
+
+def open_dataset(path: str | Path) -> Dataset:
+    """Recognise the layout at `path` and read it; quirks are logged once."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder. Accepted layouts: " + "; ".join(LAYOUTS))
+    if (root / "Flickr8k_text" / "Flickr8k.token.txt").is_file() and (root / "Flicker8k_Dataset").is_dir():
+        dataset = _read_flickr8k(root)
+    elif list((root / "annotations").glob("captions_*.json")):
+        dataset = _read_coco(root)
+    elif _image_files(root):
+        dataset = _read_folder(root)
+    else:
+        raise DatasetError(f"{root}: no dataset recognised. Accepted layouts: " + "; ".join(LAYOUTS))
+    for quirk, n in sorted(dataset.quirks.items()):
+        log.warning("%s: %s: %d", root, quirk, n)
+    return dataset

@@ -1,0 +1,188 @@
+"""A compact, resumable on-disk cache of region features for a whole dataset.
+
+One safetensors file: features fp16 (N, K, F), boxes, scores, label ids, detector flags; the
+metadata holds the photo ids and the extractor settings. A file made with other settings is
+refused, never silently reused. Extraction writes shards beside the file as it goes, so an
+interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .data import Dataset
+from .photos import PhotoError, load_photo
+from .regions import RegionExtractor, Regions, RegionSettings
+
+log = logging.getLogger(__name__)
+FORMAT = "chan-regions-1"
+CACHE_DIR = Path(os.environ.get("CHAN_CACHE", Path(__file__).resolve().parents[1] / "cache"))
+
+
+class CacheError(ValueError):
+    """A feature file that cannot be used with these settings."""
+
+
+@dataclass
+class RegionTable:
+    """Region features of many photos, indexed by photo id."""
+
+    photo_ids: list[str]
+    features: torch.Tensor  # (N, K, F) fp16
+    boxes: torch.Tensor  # (N, K, 4) fp32
+    scores: torch.Tensor  # (N, K) fp16
+    label_ids: torch.Tensor  # (N, K) int16
+    detected: torch.Tensor  # (N, K) bool
+    label_names: list[str]
+    settings_key: str
+
+    def __post_init__(self) -> None:
+        self.index = {pid: i for i, pid in enumerate(self.photo_ids)}
+
+    def rows(self, ids: list[str]) -> torch.Tensor:
+        return torch.tensor([self.index[i] for i in ids], dtype=torch.long)
+
+    def regions(self, photo_id: str) -> Regions:
+        i = self.index[photo_id]
+        return Regions(
+            boxes=self.boxes[i].numpy(),
+            features=self.features[i].float().numpy(),
+            labels=[self.label_names[j] for j in self.label_ids[i].tolist()],
+            scores=self.scores[i].float().numpy(),
+            detected=self.detected[i].numpy(),
+        )
+
+
+def default_cache_path(dataset: Dataset, settings: RegionSettings) -> Path:
+    """Where the features of a dataset under these settings live by default."""
+    digest = hashlib.sha1(f"{dataset.root.resolve()}|{settings.key()}".encode()).hexdigest()[:12]
+    return CACHE_DIR / f"regions-{dataset.root.name}-{digest}.safetensors"
+
+
+def _pack(ids: list[str], regions: list[Regions], extractor: RegionExtractor) -> tuple[dict, dict]:
+    index = {name: i for i, name in enumerate(extractor.label_names)}
+    tensors = {
+        "features": torch.from_numpy(np.stack([r.features for r in regions])).half(),
+        "boxes": torch.from_numpy(np.stack([r.boxes for r in regions])).float(),
+        "scores": torch.from_numpy(np.stack([r.scores for r in regions])).half(),
+        "label_ids": torch.tensor([[index[l] for l in r.labels] for r in regions], dtype=torch.int16),
+        "detected": torch.from_numpy(np.stack([r.detected for r in regions])).to(torch.uint8),
+    }
+    meta = {"format": FORMAT, "settings": extractor.settings.key(), "photo_ids": json.dumps(ids),
+            "label_names": json.dumps(extractor.label_names)}
+    return tensors, meta
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise CacheError(f"{path}: not a readable region-feature file ({e}); delete it to re-extract") from e
+    if meta.get("format") != FORMAT:
+        raise CacheError(f"{path}: not a CHAN region-feature file (format {meta.get('format')!r})")
+    return tensors, meta
+
+
+def load_table(path: Path, settings: RegionSettings | None = None) -> RegionTable:
+    """Read a feature file; with `settings`, refuse one made with other settings."""
+    tensors, meta = _read(path)
+    if settings is not None and meta["settings"] != settings.key():
+        raise CacheError(
+            f"{path} was made with other extractor settings:\n  file: {meta['settings']}\n  want: {settings.key()}\n"
+            "Use another --out path, or delete the file to re-extract."
+        )
+    return RegionTable(
+        photo_ids=json.loads(meta["photo_ids"]), features=tensors["features"], boxes=tensors["boxes"],
+        scores=tensors["scores"], label_ids=tensors["label_ids"], detected=tensors["detected"].bool(),
+        label_names=json.loads(meta["label_names"]), settings_key=meta["settings"],
+    )
+
+
+def _merge(parts: list[Path], out: Path) -> None:
+    loaded = [_read(p) for p in parts]
+    tensors = {k: torch.cat([t[k] for t, _ in loaded]) for k in loaded[0][0]}
+    meta = dict(loaded[0][1])
+    meta["photo_ids"] = json.dumps([i for _, m in loaded for i in json.loads(m["photo_ids"])])
+    tmp = out.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(out)
+
+
+def extract(
+    dataset: Dataset,
+    out: Path,
+    settings: RegionSettings = RegionSettings(),
+    batch_size: int = 4,
+    shard_size: int = 256,
+    extractor: RegionExtractor | None = None,
+    progress: bool = True,
+) -> RegionTable:
+    """Region features of every photo of `dataset` into `out`, reusing what `out` already holds."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts_dir = out.with_name(out.name + ".parts")
+    parts_dir.mkdir(exist_ok=True)
+    if out.exists():
+        load_table(out, settings)  # refuses a file made with other settings
+        shutil.move(str(out), parts_dir / "00000-previous.safetensors")
+    done: set[str] = set()
+    for part in sorted(parts_dir.glob("*.safetensors")):
+        _, meta = _read(part)
+        if meta["settings"] != settings.key():
+            raise CacheError(f"{part}: left by an extraction with other settings; delete {parts_dir}")
+        done.update(json.loads(meta["photo_ids"]))
+    todo = [p for p in dataset.photos if p.id not in done]
+    if todo:
+        extractor = extractor or RegionExtractor(settings)
+        failures = 0
+        bar = tqdm(total=len(todo), desc="regions", unit="photo", disable=not progress)
+        for start in range(0, len(todo), shard_size):
+            shard = todo[start : start + shard_size]
+            ids, regions = [], []
+            for b in range(0, len(shard), batch_size):
+                batch, images = [], []
+                for photo in shard[b : b + batch_size]:
+                    try:
+                        images.append(load_photo(photo.path))
+                        batch.append(photo.id)
+                    except PhotoError as e:
+                        failures += 1
+                        log.warning("%s: skipped: %s", photo.path, e)
+                regions += extractor(images)
+                ids += batch
+                bar.update(len(shard[b : b + batch_size]))
+            if ids:
+                tensors, meta = _pack(ids, regions, extractor)
+                save_file(tensors, str(parts_dir / f"{len(list(parts_dir.iterdir())):05d}.safetensors"), metadata=meta)
+        bar.close()
+        if failures:
+            log.warning("%d photos could not be decoded and were skipped", failures)
+    parts = sorted(parts_dir.glob("*.safetensors"))
+    if not parts:
+        raise CacheError(f"no photo of {dataset.root} could be decoded")
+    _merge(parts, out)
+    shutil.rmtree(parts_dir)
+    return load_table(out, settings)
+
+
+def table_for(dataset: Dataset, settings: RegionSettings, path: Path | None = None, progress: bool = True) -> RegionTable:
+    """The cached features of `dataset`, extracting whatever photos are missing."""
+    path = Path(path) if path else default_cache_path(dataset, settings)
+    if path.exists():
+        table = load_table(path, settings)
+        if all(p.id in table.index for p in dataset.photos):
+            return table
+    return extract(dataset, path, settings, progress=progress)

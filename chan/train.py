@@ -1,0 +1,171 @@
+"""Train CHAN on cached region features: triplet loss, dev-RSUM model selection, resumable."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import save_checkpoint
+from .data import open_dataset
+from .evaluate import evaluate
+from .features import RegionTable, table_for
+from .loss import triplet_loss
+from .metrics import format_metrics
+from .model import SPECIALS, CHAN, ModelConfig, tokenize_words
+from .regions import RegionSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: Path = Path("../shared/datasets/flickr8k")
+    out: Path = Path("checkpoints/chan.safetensors")
+    text_encoder: str = "bert"
+    similarity: str = "hard"
+    pooling: str | None = None  # default: mean for bert, lse for bigru
+    self_attention: bool | None = None  # default: off for bert, on for bigru
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 5e-4
+    bert_lr_scale: float = 0.1
+    lr_step: int = 6
+    margin: float = 0.2
+    embed_dim: int = 512
+    finetune_layers: int = 2
+    grad_clip: float = 2.0
+    region_dropout: float = 0.2
+    token_mask: float = 0.2
+    max_photos: int | None = None
+    seed: int = 0
+
+
+def build_vocab(captions: list[str]) -> list[str]:
+    words = sorted({w for c in captions for w in tokenize_words(c)})
+    return SPECIALS + words
+
+
+def _region_dropout(n: int, k: int, p: float) -> torch.Tensor:
+    """Keep each region with prob 1-p; the whole-photo region (index 0) always stays."""
+    mask = torch.rand(n, k) >= p
+    mask[:, 0] = True
+    return mask
+
+
+def _mask_tokens(ids: torch.Tensor, mask: torch.Tensor, mask_id: int, p: float) -> torch.Tensor:
+    """Replace a fraction p of the real tokens (never the first or last) by the mask token."""
+    lengths = mask.sum(1, keepdim=True)
+    pos = torch.arange(ids.shape[1])[None]
+    inner = (pos > 0) & (pos < lengths - 1)
+    return ids.masked_fill(inner & (torch.rand(ids.shape) < p), mask_id)
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(epochs, [h["loss"] for h in history], "o-")
+    a.set(xlabel="epoch", ylabel="mean triplet loss per batch", title="training loss")
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+        b.plot(epochs, [h[key] for h in history], "o-", label=key)
+    b.set(xlabel="epoch", ylabel="recall (%)", title="dev R@K")
+    b.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(c: TrainConfig) -> dict:
+    """Run (or resume) one training; the best dev-RSUM epoch is saved at `c.out`."""
+    torch.manual_seed(c.seed)
+    random.seed(c.seed)
+    np.random.seed(c.seed)
+    out = Path(c.out)
+    state_path = out.with_suffix(".state.pt")
+    bigru = c.text_encoder == "bigru"
+    pooling = c.pooling or ("lse" if bigru else "mean")
+    self_attention = bigru if c.self_attention is None else c.self_attention
+
+    dataset = open_dataset(c.data)
+    train_set, dev_set = dataset.split("train"), dataset.split("dev")
+    if c.max_photos:
+        keep = {p.id for p in train_set.photos[: c.max_photos]}
+        train_set.photos = [p for p in train_set.photos if p.id in keep]
+        train_set.captions = [x for x in train_set.captions if x.photo_id in keep]
+    settings = RegionSettings()
+    table: RegionTable = table_for(dataset, settings)
+
+    config = ModelConfig(
+        feature_dim=settings.feature_dim, embed_dim=c.embed_dim, text_encoder=c.text_encoder,
+        similarity=c.similarity, pooling=pooling, self_attention=self_attention,
+        finetune_layers=c.finetune_layers, vocab=build_vocab([x.text for x in train_set.captions]) if bigru else [],
+    )
+    model = CHAN(config)
+    if bigru:
+        log.info("GloVe vectors for %d of %d words", model.text_encoder.init_from_glove(), len(config.vocab))
+    base = [p for n, p in model.named_parameters() if p.requires_grad and ".bert." not in n]
+    bert = [p for n, p in model.named_parameters() if p.requires_grad and ".bert." in n]
+    optimizer = torch.optim.AdamW([{"params": base, "lr": c.lr}, {"params": bert, "lr": c.lr * c.bert_lr_scale}])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=c.lr_step, gamma=0.1)
+
+    start, best, history = 0, -1.0, []
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start, best, history = state["epoch"], state["best"], json.loads(state["history"])
+        log.info("resuming %s after epoch %d (best dev RSUM %.1f)", out, start, best)
+
+    photo_index = table.rows([x.photo_id for x in train_set.captions])
+    texts = [x.text for x in train_set.captions]
+    started = time.time()
+    for epoch in range(start, c.epochs):
+        model.train()
+        order = torch.randperm(len(texts))
+        losses = []
+        bar = tqdm(range(0, len(order), c.batch_size), desc=f"epoch {epoch + 1}/{c.epochs}", unit="batch")
+        for s in bar:
+            idx = order[s : s + c.batch_size]
+            rows = photo_index[idx]
+            feats = table.features[rows].float()
+            regions, rmask = model.encode_images(feats, _region_dropout(len(rows), feats.shape[1], c.region_dropout))
+            ids, tmask, _ = model.text_encoder.tokenize([texts[i] for i in idx])
+            ids = _mask_tokens(ids, tmask, model.text_encoder.mask_id, c.token_mask)
+            words = model.text_encoder(ids, tmask)
+            scores = model.scores(regions, rmask, words, tmask)
+            loss = triplet_loss(scores, rows[:, None] == rows[None, :], c.margin, hardest=epoch > 0)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], c.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        scheduler.step()
+        metrics = evaluate(model, dev_set, table)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **metrics,
+                        "minutes": (time.time() - started) / 60})
+        log.info("epoch %d dev: %s", epoch + 1, format_metrics(metrics))
+        if metrics["rsum"] > best:
+            best = metrics["rsum"]
+            info = {"train": {k: str(v) for k, v in asdict(c).items()}, "epoch": epoch + 1, "dev": metrics}
+            save_checkpoint(model, settings, out, info)
+        torch.save({"model": model.trainable_state(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch + 1,
+                    "best": best, "history": json.dumps(history)}, state_path)
+        out.with_suffix(".history.json").write_text(json.dumps(history, indent=1))
+        _plot_curves(history, out.with_suffix(".png"))
+    log.info("best dev RSUM %.1f; checkpoint %s", best, out)
+    return {"best_dev_rsum": best, "history": history}
