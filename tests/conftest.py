@@ -1,0 +1,47 @@
+"""Shared fixtures: the real Flickr8k folder from ../shared, small subsets of it, one extractor."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
+
+
+@pytest.fixture(scope="session")
+def flickr8k() -> Path:
+    if not FLICKR8K.is_dir():
+        pytest.fail(f"{FLICKR8K} is missing: the tests read the real Flickr8k from ../shared")
+    return FLICKR8K
+
+
+def make_flickr_subset(root: Path, src: Path, n_train: int, n_dev: int, n_test: int = 0) -> Path:
+    """A Flickr8k-layout folder with the first photos of each split (symlinks, never copies)."""
+    text, images = root / "Flickr8k_text", root / "Flicker8k_Dataset"
+    text.mkdir(parents=True)
+    images.mkdir()
+    keep = set()
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        names = (src / "Flickr8k_text" / f"Flickr_8k.{split}Images.txt").read_text().split()[:n]
+        (text / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names) + "\n")
+        keep.update(names)
+    for name in keep:
+        os.symlink(src / "Flicker8k_Dataset" / name, images / name)
+    lines = (src / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines()
+    (text / "Flickr8k.token.txt").write_text("\n".join(l for l in lines if l.split("#")[0] in keep) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def extractor():
+    from chan.regions import RegionExtractor
+
+    return RegionExtractor()
+
+
+@pytest.fixture(scope="session")
+def small_flickr(tmp_path_factory, flickr8k) -> Path:
+    """200 train, 100 dev and 100 test photos of the real Flickr8k, with their own feature cache."""
+    os.environ.setdefault("CHAN_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return make_flickr_subset(tmp_path_factory.mktemp("flickr-small"), flickr8k, 200, 100, 100)

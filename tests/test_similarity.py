@@ -1,0 +1,94 @@
+"""The batched scorers against naive per-pair loops written straight from the paper's definitions."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chan.similarity import align, global_scores, hard_scores, soft_scores
+
+
+def _random_batch(seed=0, N=5, K=7, M=6, L=9, D=16):
+    g = torch.Generator().manual_seed(seed)
+    images = F.normalize(torch.randn(N, K, D, generator=g), dim=-1)
+    captions = F.normalize(torch.randn(M, L, D, generator=g), dim=-1)
+    image_mask = torch.ones(N, K, dtype=torch.bool)
+    caption_mask = torch.ones(M, L, dtype=torch.bool)
+    for n in range(N):
+        image_mask[n, K - n % 4 :] = False  # 0..3 padded regions
+    for m in range(M):
+        caption_mask[m, L - 2 * (m % 3) :] = False  # 0, 2, 4 padded words
+    # padded slots hold large values: they must never matter
+    images[~image_mask] = 5.0
+    captions[~caption_mask] = 5.0
+    return images, image_mask, captions, caption_mask
+
+
+def _pool(values, pooling):
+    if pooling == "mean":
+        return sum(values) / len(values)
+    return 0.1 * math.log(sum(math.exp(v / 0.1) for v in values))
+
+
+def _naive_hard(images, image_mask, captions, caption_mask, pooling):
+    out = torch.zeros(len(images), len(captions))
+    for n in range(len(images)):
+        regions = [images[n, k] for k in range(images.shape[1]) if image_mask[n, k]]
+        for m in range(len(captions)):
+            words = [captions[m, i] for i in range(captions.shape[1]) if caption_mask[m, i]]
+            best = [max(float(w @ v) for v in regions) for w in words]
+            out[n, m] = _pool(best, pooling)
+    return out
+
+
+def _naive_scan(images, image_mask, captions, caption_mask, pooling):
+    out = torch.zeros(len(images), len(captions))
+    for n in range(len(images)):
+        V = images[n][image_mask[n]]
+        for m in range(len(captions)):
+            W = captions[m][caption_mask[m]]
+            S = W @ V.T  # words x regions
+            S = F.leaky_relu(S, 0.1)
+            S = S / S.norm(dim=0, keepdim=True).clamp(min=1e-8)  # L2 over words
+            alpha = torch.softmax(9.0 * S, dim=1)
+            scores = [float(F.cosine_similarity(W[i], alpha[i] @ V, dim=0)) for i in range(len(W))]
+            out[n, m] = _pool(scores, pooling)
+    return out
+
+
+@pytest.mark.parametrize("pooling", ["mean", "lse"])
+def test_hard_alignment_matches_naive_loop(pooling):
+    batch = _random_batch()
+    expected = _naive_hard(*batch, pooling)
+    torch.testing.assert_close(hard_scores(*batch, pooling=pooling), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hard_scores(*batch, pooling=pooling, chunk=2), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "lse"])
+def test_scan_soft_attention_matches_naive_loop(pooling):
+    batch = _random_batch(seed=1)
+    expected = _naive_scan(*batch, pooling)
+    torch.testing.assert_close(soft_scores(*batch, pooling=pooling, chunk=4), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_global_scores_ignore_padding():
+    images, image_mask, captions, caption_mask = _random_batch(seed=2)
+    got = global_scores(images, image_mask, captions, caption_mask)
+    n, m = 3, 2
+    v = F.normalize(images[n][image_mask[n]].mean(0), dim=0)
+    w = F.normalize(captions[m][caption_mask[m]].mean(0), dim=0)
+    assert abs(float(got[n, m]) - float(v @ w)) < 1e-5
+
+
+@pytest.mark.parametrize("pooling", ["mean", "lse"])
+def test_align_one_pair(pooling):
+    images, _, captions, _ = _random_batch(seed=3, N=1, M=1)
+    regions, words = images[0], captions[0]
+    a = align(regions, words, pooling)
+    full = torch.ones(1, len(regions), dtype=torch.bool), torch.ones(1, len(words), dtype=torch.bool)
+    assert a.cosine.shape == (len(words), len(regions))
+    assert (a.chosen == a.cosine.argmax(1)).all()
+    assert abs(a.contributions.sum() - a.score) < 1e-5
+    assert abs(a.score - float(hard_scores(images, full[0], captions, full[1], pooling)[0, 0])) < 1e-5
+    assert abs(a.soft_score - float(soft_scores(images, full[0], captions, full[1], pooling)[0, 0])) < 1e-5
+    torch.testing.assert_close(torch.from_numpy(a.soft_attention).sum(1), torch.ones(len(words)))

