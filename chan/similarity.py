@@ -40,14 +40,34 @@ def _cosines(images: torch.Tensor, image_mask: torch.Tensor, captions: torch.Ten
     return sims.masked_fill(~image_mask.bool().view(1, 1, N, K), NEG)
 
 
-def hard_scores(images, image_mask, captions, caption_mask, pooling: str = "mean", chunk: int = 256) -> torch.Tensor:
+def _length_chunks(caption_mask: torch.Tensor, chunk: int):
+    """Caption indices in chunks of similar length, and each chunk's longest length (no wasted padding)."""
+    lengths = caption_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    for start in range(0, len(order), chunk):
+        idx = order[start : start + chunk]
+        yield idx, int(lengths[idx].max())
+
+
+def _by_caption(captions, caption_mask, chunk: int, score_chunk) -> torch.Tensor:
+    """Apply `score_chunk(caps, cmask) -> (m, N)` over length-sorted chunks; returns (N, M)."""
+    out = None
+    for idx, L in _length_chunks(caption_mask, chunk):
+        part = score_chunk(captions[idx, :L], caption_mask[idx, :L])
+        if out is None:
+            out = part.new_empty(captions.shape[0], part.shape[1])
+        out[idx] = part
+    return out.T
+
+
+def hard_scores(images, image_mask, captions, caption_mask, pooling: str = "mean", chunk: int = 128) -> torch.Tensor:
     """CHAN hard-assignment scores (N, M); captions are processed `chunk` at a time to bound memory."""
-    out = []
-    for start in range(0, captions.shape[0], chunk):
-        caps, cmask = captions[start : start + chunk], caption_mask[start : start + chunk]
+
+    def score_chunk(caps, cmask):
         best = _cosines(images, image_mask, caps).amax(-1)  # (m, L, N)
-        out.append(pool_words(best.transpose(1, 2), cmask[:, None, :], pooling))  # (m, N)
-    return torch.cat(out).T
+        return pool_words(best.transpose(1, 2), cmask[:, None, :], pooling)  # (m, N)
+
+    return _by_caption(captions, caption_mask, chunk, score_chunk)
 
 
 def _scan_attention(sims: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
@@ -66,16 +86,16 @@ def soft_scores(images, image_mask, captions, caption_mask, pooling: str = "mean
     tensor is ever built.
     """
     gram = images @ images.transpose(1, 2)  # (N, K, K)
-    out = []
-    for start in range(0, captions.shape[0], chunk):
-        caps, cmask = captions[start : start + chunk], caption_mask[start : start + chunk]
+
+    def score_chunk(caps, cmask):
         sims = _cosines(images, image_mask, caps)
         alpha = _scan_attention(sims, cmask)
         dot = (alpha * sims.clamp(min=-1.0)).sum(-1)  # (m, L, N)
         sq_norm = torch.einsum("mlnk,nkj,mlnj->mln", alpha, gram, alpha)
         word_scores = dot / sq_norm.clamp(min=1e-12).sqrt()
-        out.append(pool_words(word_scores.transpose(1, 2), cmask[:, None, :], pooling))
-    return torch.cat(out).T
+        return pool_words(word_scores.transpose(1, 2), cmask[:, None, :], pooling)
+
+    return _by_caption(captions, caption_mask, chunk, score_chunk)
 
 
 def global_vectors(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -125,13 +125,14 @@ def train(c: TrainConfig) -> dict:
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scheduler.step_size = c.lr_step  # the command line wins over the saved schedule
         torch.set_rng_state(state["rng"])
         start, best, history = state["epoch"], state["best"], json.loads(state["history"])
         log.info("resuming %s after epoch %d (best dev RSUM %.1f)", out, start, best)
 
     photo_index = table.rows([x.photo_id for x in train_set.captions])
     texts = [x.text for x in train_set.captions]
-    started = time.time()
+    started = time.time() - 60 * (history[-1]["minutes"] if history else 0)  # minutes count across resumes
     for epoch in range(start, c.epochs):
         model.train()
         order = torch.randperm(len(texts))

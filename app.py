@@ -1,0 +1,57 @@
+"""Launch the CHAN demo: python app.py [--gallery DIR] [--checkpoint PATH] [--host H] [--port P]."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Nothing leaves this machine: no analytics, no hub look-ups.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+DEFAULT_GALLERY = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "flickr8k"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from chan.checkpoint import DEFAULT_CHECKPOINT
+
+    p = argparse.ArgumentParser(description="CHAN demo: caption -> images, image -> captions, and the alignment inspector.")
+    p.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY,
+                   help="a dataset folder: Flickr8k or COCO layout, or a plain image folder (default: %(default)s)")
+    p.add_argument("--split", default=None, help="gallery split (default: test where the dataset has one, else every photo)")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="CHAN checkpoint (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def load_gallery(gallery_dir: Path, checkpoint: Path, split: str | None = None):
+    """Open the dataset and build (or load the cached) gallery index for this checkpoint."""
+    from chan.data import open_dataset
+    from chan.gallery import Gallery
+
+    dataset = open_dataset(gallery_dir)
+    return Gallery(checkpoint, dataset.split(split or dataset.default_split()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        gallery = load_gallery(args.gallery, args.checkpoint, args.split)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from app.ui import THEME, build_demo
+
+    demo = build_demo(gallery)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, theme=THEME, show_error=False,
+                allowed_paths=[str(gallery.dataset.root.resolve())])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

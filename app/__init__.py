@@ -1,0 +1,1 @@
+"""The Gradio demo over the chan library."""

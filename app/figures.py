@@ -1,0 +1,95 @@
+"""Figures for the inspector: Plotly heatmaps and bars, photos with coloured boxes. Plain data in."""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from PIL import Image, ImageDraw, ImageFont
+
+PALETTE = [
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
+    "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075",
+]
+
+
+def word_colour(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+def region_names(labels: list[str]) -> list[str]:
+    """Unique axis names: 'r3 dog'."""
+    return [f"r{k} {label}" for k, label in enumerate(labels)]
+
+
+def word_names(words: list[str]) -> list[str]:
+    return [f"{i}:{w}" for i, w in enumerate(words)]
+
+
+def _layout(fig: go.Figure, title: str, n_words: int) -> go.Figure:
+    fig.update_layout(
+        title=title, height=max(320, 60 + 22 * n_words), margin=dict(l=10, r=10, t=40, b=10),
+        yaxis=dict(autorange="reversed", tickfont=dict(size=11), dtick=1), xaxis=dict(tickangle=-60, tickfont=dict(size=9), dtick=1),
+        plot_bgcolor="white",
+    )
+    return fig
+
+
+def hard_alignment_heatmap(cosine: np.ndarray, chosen: np.ndarray, words: list[str], labels: list[str]) -> go.Figure:
+    """Words x regions cosines: each word's chosen region in colour and ringed, eliminated cells grey."""
+    x, y = region_names(labels), word_names(words)
+    kept = np.full(cosine.shape, np.nan)
+    kept[np.arange(len(chosen)), chosen] = cosine[np.arange(len(chosen)), chosen]
+    fig = go.Figure()
+    fig.add_trace(go.Heatmap(z=cosine, x=x, y=y, colorscale="Greys", showscale=False, opacity=0.45, name="eliminated",
+                             hovertemplate="%{y} · %{x}<br>cos %{z:.3f} (eliminated)<extra></extra>"))
+    fig.add_trace(go.Heatmap(z=kept, x=x, y=y, colorscale="Reds", zmin=float(cosine.min()), zmax=float(cosine.max()),
+                             colorbar=dict(title="cos"), name="kept",
+                             hovertemplate="%{y} · %{x}<br>cos %{z:.3f} (kept)<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[x[k] for k in chosen], y=y, mode="markers", name="chosen region",
+                             marker=dict(symbol="square-open", size=14, line=dict(width=3),
+                                         color=[word_colour(i) for i in range(len(words))]),
+                             hoverinfo="skip", showlegend=False))
+    return _layout(fig, "CHAN hard alignment (cosine; grey = eliminated)", len(words))
+
+
+def soft_attention_heatmap(attention: np.ndarray, words: list[str], labels: list[str]) -> go.Figure:
+    """The SCAN attention weights of the same pair: every region gets some weight."""
+    fig = go.Figure(go.Heatmap(z=attention, x=region_names(labels), y=word_names(words), colorscale="Viridis",
+                               colorbar=dict(title="weight"),
+                               hovertemplate="%{y} · %{x}<br>attention %{z:.3f}<extra></extra>"))
+    return _layout(fig, "Soft cross-attention it replaces (SCAN weights)", len(words))
+
+
+def contribution_bars(contributions: np.ndarray, words: list[str]) -> go.Figure:
+    """Each word's share of the total score."""
+    fig = go.Figure(go.Bar(x=contributions, y=word_names(words), orientation="h",
+                           marker_color=[word_colour(i) for i in range(len(words))],
+                           hovertemplate="%{y}: %{x:.4f}<extra></extra>"))
+    fig.update_layout(title=f"Contribution of each word (total {contributions.sum():.3f})",
+                      height=max(260, 60 + 20 * len(words)), margin=dict(l=10, r=10, t=40, b=10),
+                      yaxis=dict(autorange="reversed"), plot_bgcolor="white")
+    return fig
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # older Pillow
+        return ImageFont.load_default()
+
+
+def draw_boxes(photo: Image.Image, boxes: np.ndarray, captions: list[str], colours: list[str],
+               widths: list[int] | None = None, max_side: int = 640) -> Image.Image:
+    """The photo, scaled to fit `max_side`, with labelled boxes in the given colours."""
+    scale = min(1.0, max_side / max(photo.size)) if max(photo.size) > max_side else max(1.0, 320 / max(photo.size))
+    image = photo.convert("RGB").resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))))
+    draw = ImageDraw.Draw(image)
+    font = _font(max(11, image.width // 40))
+    for i, (box, text, colour) in enumerate(zip(boxes, captions, colours)):
+        x1, y1, x2, y2 = (float(v) * scale for v in box)
+        width = widths[i] if widths else 3
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+        tx, ty = x1 + 2, max(0.0, y1 - font.size - 4) if y1 > font.size + 4 else y1 + 2
+        left, top, right, bottom = draw.textbbox((tx, ty), text, font=font)
+        draw.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=colour)
+        draw.text((tx, ty), text, fill="white", font=font)
+    return image

@@ -1,0 +1,123 @@
+"""Event handlers: turn user input into the gallery's plain data, then into figures and messages.
+
+Every handler returns a friendly message instead of raising: no traceback reaches the page.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+from PIL import Image
+
+from chan.gallery import Gallery, PairAlignment, QueryError
+from chan.photos import PhotoError, load_photo
+
+from . import figures
+
+log = logging.getLogger(__name__)
+
+
+def friendly(n_outputs: int):
+    """Wrap a handler so that bad input (or a bug) becomes a message in its last output."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (QueryError, PhotoError) as e:
+                message = f"⚠️ {e}"
+            except Exception:  # a bug must not kill the server or show a traceback
+                log.exception("handler %s failed", fn.__name__)
+                message = "⚠️ Something went wrong on our side while handling that; the error was logged."
+            return (*([None] * (n_outputs - 1)), message)
+
+        return inner
+
+    return wrap
+
+
+@dataclass
+class Inspection:
+    """What the inspector shows for one pair, kept so that choosing a word only redraws the photo."""
+
+    pair: PairAlignment
+    photo: Image.Image | None
+
+
+class Handlers:
+    def __init__(self, gallery: Gallery):
+        self.gallery = gallery
+
+    @friendly(3)
+    def search_images(self, query: str, k: float = 12):
+        """Caption -> the top-k gallery photos with rank and score."""
+        hits, notes, ms = self.gallery.search_images(query, int(k or 12))
+        items = [(h.path, f"#{h.rank} · {h.score:.3f} · {h.caption}") for h in hits]
+        status = f"Top {len(hits)} of {len(self.gallery.photos)} photos in {ms:.0f} ms."
+        return items, [h.photo_id for h in hits], "  \n".join([status] + [f"⚠️ {n}" for n in notes])
+
+    @friendly(3)
+    def rank_captions(self, image_path: str | None, own_captions: str = "", photo_id: str = ""):
+        """Photo -> gallery captions and your own, ranked; the photo with its regions drawn."""
+        regions = self.gallery.photo_regions(image_path, photo_id or None)
+        own = [line for line in (own_captions or "").splitlines() if line.strip()]
+        ranked = self.gallery.rank_captions(regions, own, photo_id or None)
+        rows = [[r.rank, round(r.score, 4), ("★ " if r.matches_photo else "") + r.text,
+                 "your caption" if r.source == "yours" else r.source] for r in ranked]
+        photo = self._photo(image_path, photo_id)
+        drawn = None
+        if photo is not None:
+            colours = [figures.word_colour(i) if d else "#888888" for i, d in enumerate(regions.detected)]
+            keep = [i for i, d in enumerate(regions.detected) if d] or [0]
+            drawn = figures.draw_boxes(photo, regions.boxes[keep], [regions.labels[i] for i in keep], [colours[i] for i in keep])
+        n_det = int(regions.detected.sum())
+        status = f"{len(rows)} captions ranked · {n_det} detected regions (+ whole photo and grid cells: {len(regions.labels)} in all)."
+        if own:
+            status += f" Yours: {', '.join(f'#{r.rank}' for r in ranked if r.source == 'yours')}."
+        return rows, drawn, status
+
+    def _photo(self, image_path: str | None, photo_id: str | None) -> Image.Image | None:
+        if photo_id and photo_id in self.gallery.photo_index:
+            return load_photo(self.gallery.photos[self.gallery.photo_index[photo_id]].path)
+        return load_photo(image_path) if image_path else None
+
+    @friendly(7)
+    def align(self, image_path: str | None, caption: str, photo_id: str = ""):
+        """Pair -> hard-alignment heatmap, soft-attention heatmap, contributions, boxes, word choices."""
+        regions = self.gallery.photo_regions(image_path, photo_id or None)
+        pair = self.gallery.align(regions, caption)
+        a = pair.alignment
+        state = Inspection(pair, self._photo(image_path, photo_id))
+        words = figures.word_names(pair.words)
+        status = (f"CHAN score {a.score:.3f} (soft attention would give {a.soft_score:.3f}). "
+                  f"{len(set(a.chosen.tolist()))} distinct regions chosen by {len(pair.words)} tokens; "
+                  f"{a.cosine.size - len(pair.words)} alignments eliminated.")
+        return (
+            figures.hard_alignment_heatmap(a.cosine, a.chosen, pair.words, pair.region_labels),
+            figures.soft_attention_heatmap(a.soft_attention, pair.words, pair.region_labels),
+            figures.contribution_bars(a.contributions, pair.words),
+            self.draw_alignment(state, None),
+            words,
+            state,
+            status,
+        )
+
+    @staticmethod
+    def draw_alignment(state: Inspection | None, word: str | None) -> Image.Image | None:
+        """The photo with each word's chosen region in the word's colour; a chosen word stands out."""
+        if state is None or state.photo is None:
+            return None
+        pair, a = state.pair, state.pair.alignment
+        names = figures.word_names(pair.words)
+        focus = names.index(word) if word in names else None
+        words = [focus] if focus is not None else range(len(pair.words))
+        boxes, texts, colours = [], [], []
+        for i in words:
+            k = int(a.chosen[i])
+            boxes.append(pair.boxes[k])
+            texts.append(f"{pair.words[i]} → r{k} {pair.region_labels[k]}")
+            colours.append(figures.word_colour(i))
+        widths = [5 if focus is not None else 3] * len(boxes)
+        return figures.draw_boxes(state.photo, boxes, texts, colours, widths)

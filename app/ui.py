@@ -1,0 +1,126 @@
+"""The Gradio interface: three tabs over one gallery; each action has a stable api_name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from chan.gallery import Gallery
+
+from .handlers import Handlers
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+# System fonts only: the page requests nothing from the internet.
+THEME = gr.themes.Soft(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+KEEP_QUERY_IN_URL = """(query, k) => {
+  const url = new URL(window.location.href);
+  url.searchParams.set("q", query || "");
+  window.history.replaceState(null, "", url);
+  return [query, k];
+}"""
+INTRO = """# CHAN · what a matching model retrieves, and why
+Cross-modal Hard Aligning Network (Pan, Wu, Zhang, CVPR 2023): each word keeps only its single best
+region; every other word-region alignment is eliminated. Search the gallery by caption, rank captions for
+a photo, and inspect the alignment of any pair."""
+
+
+def example_queries() -> list[str]:
+    return [line.strip() for line in (ASSETS / "example_queries.txt").read_text().splitlines() if line.strip()]
+
+
+def build_demo(gallery: Gallery) -> gr.Blocks:
+    h = Handlers(gallery)
+    photo_choices = [p.id for p in gallery.photos]
+    with gr.Blocks(title="CHAN demo", analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        gr.Markdown(f"Gallery: {gallery.describe()}")
+        hit_ids = gr.State([])
+        with gr.Tabs() as tabs:
+            with gr.Tab("Caption → images", id="search"):
+                with gr.Row():
+                    query = gr.Textbox(label="Caption", placeholder="a dog runs through the snow", scale=5, elem_id="query")
+                    top_k = gr.Slider(1, 48, value=12, step=1, label="Photos", scale=1)
+                    search_button = gr.Button("Search", variant="primary", scale=1, elem_id="search-button")
+                gr.Examples(example_queries(), inputs=query)
+                search_status = gr.Markdown(elem_id="search-status")
+                results = gr.Gallery(label="Best matches (click one to inspect the pair)", columns=6, height="auto",
+                                     object_fit="cover", elem_id="results")
+            with gr.Tab("Image → captions", id="rank"):
+                with gr.Row():
+                    with gr.Column():
+                        upload = gr.Image(type="filepath", label="Your photo", sources=["upload"], elem_id="upload")
+                        pick = gr.Dropdown(photo_choices, label="…or a gallery photo", value=None, filterable=True)
+                        own = gr.Textbox(label="Your candidate captions, one a line", lines=3)
+                        rank_button = gr.Button("Rank captions", variant="primary", elem_id="rank-button")
+                    with gr.Column():
+                        rank_status = gr.Markdown(elem_id="rank-status")
+                        regions_image = gr.Image(label="Detected regions", interactive=False)
+                ranked = gr.Dataframe(headers=["rank", "score", "caption (★ = written for this photo)", "source"],
+                                      label="Ranked captions", elem_id="ranked", wrap=True)
+                rank_photo_id = gr.Textbox(visible=False)
+            with gr.Tab("Alignment inspector", id="inspect"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        inspect_image = gr.Image(type="filepath", label="Photo", sources=["upload"])
+                        inspect_photo_id = gr.Textbox(label="Gallery photo id (empty for an uploaded photo)")
+                        inspect_caption = gr.Textbox(label="Caption", elem_id="inspect-caption")
+                        inspect_button = gr.Button("Inspect", variant="primary", elem_id="inspect-button")
+                    with gr.Column(scale=1):
+                        inspect_status = gr.Markdown(elem_id="inspect-status")
+                        aligned_image = gr.Image(label="Aligned regions (colours match the heatmap rings)", interactive=False)
+                        word = gr.Radio([], label="Choose a word to highlight its region")
+                with gr.Row():
+                    hard_plot = gr.Plot(label="Hard alignment", elem_id="hard-plot")
+                    soft_plot = gr.Plot(label="Soft attention", elem_id="soft-plot")
+                contrib_plot = gr.Plot(label="Contributions")
+                inspection = gr.State(None)
+
+        search_inputs = [query, top_k]
+        search_outputs = [results, hit_ids, search_status]
+        search_button.click(h.search_images, search_inputs, search_outputs, api_name="search_images", js=KEEP_QUERY_IN_URL)
+        query.submit(h.search_images, search_inputs, search_outputs, api_visibility="private", js=KEEP_QUERY_IN_URL)
+
+        def open_hit(ids: list[str], caption: str, evt: gr.SelectData):
+            photo_id = ids[evt.index]
+            path = str(gallery.photos[gallery.photo_index[photo_id]].path)
+            return path, photo_id, caption, gr.Tabs(selected="inspect")
+
+        align_inputs = [inspect_image, inspect_caption, inspect_photo_id]
+        align_outputs = [hard_plot, soft_plot, contrib_plot, aligned_image, word, inspection, inspect_status]
+
+        def align_and_list_words(*args):
+            *out, words, state, status = h.align(*args)
+            return (*out, gr.Radio(choices=words or [], value=None), state, status)
+
+        results.select(open_hit, [hit_ids, query], [inspect_image, inspect_photo_id, inspect_caption, tabs],
+                       api_visibility="private").then(align_and_list_words, align_inputs, align_outputs, api_visibility="private")
+        inspect_button.click(align_and_list_words, align_inputs, align_outputs, api_visibility="private")
+        inspect_caption.submit(align_and_list_words, align_inputs, align_outputs, api_visibility="private")
+        # the API: figures, the caption's tokens and the status message (no per-session state)
+        align_words = gr.JSON(visible=False)
+
+        def api_align(*args):
+            *figs, words, _state, status = h.align(*args)
+            return (*figs, words, status)
+
+        gr.Button(visible=False).click(api_align, align_inputs,
+                                       [hard_plot, soft_plot, contrib_plot, aligned_image, align_words, inspect_status],
+                                       api_name="align")
+        word.change(h.draw_alignment, [inspection, word], aligned_image, api_visibility="private")
+        inspect_image.upload(lambda: "", None, inspect_photo_id, api_visibility="private")
+
+        def pick_photo(photo_id: str | None):
+            path = str(gallery.photos[gallery.photo_index[photo_id]].path) if photo_id in gallery.photo_index else None
+            return path, photo_id or ""
+
+        pick.change(pick_photo, pick, [upload, rank_photo_id], api_visibility="private")
+        upload.upload(lambda: "", None, rank_photo_id, api_visibility="private")
+        rank_button.click(h.rank_captions, [upload, own, rank_photo_id], [ranked, regions_image, rank_status],
+                          api_name="rank_captions")
+
+        def from_address(request: gr.Request):
+            q = (request.query_params.get("q") if request else None) or ""
+            return (q, *h.search_images(q)) if q.strip() else (q, None, [], "")
+
+        demo.load(from_address, None, [query, *search_outputs], api_visibility="private")
+    return demo
