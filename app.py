@@ -45,11 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from app.ui import THEME, build_demo
+    from app.ui import build_demo, launch
 
-    demo = build_demo(gallery)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, theme=THEME, show_error=False,
-                allowed_paths=[str(gallery.dataset.root.resolve())])
+    launch(build_demo(gallery), gallery, server_name=args.host, server_port=args.port)
     return 0
 
 

@@ -24,6 +24,12 @@ region; every other word-region alignment is eliminated. Search the gallery by c
 a photo, and inspect the alignment of any pair."""
 
 
+def launch(demo: gr.Blocks, gallery: Gallery, **kwargs) -> None:
+    """Serve the demo locally: no share link, system fonts, only the gallery's photo folders readable."""
+    folders = sorted({str(p.path.resolve().parent) for p in gallery.photos})
+    demo.launch(share=False, theme=THEME, show_error=False, allowed_paths=folders, **kwargs)
+
+
 def example_queries() -> list[str]:
     return [line.strip() for line in (ASSETS / "example_queries.txt").read_text().splitlines() if line.strip()]
 
@@ -120,7 +126,7 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
 
         def from_address(request: gr.Request):
             q = (request.query_params.get("q") if request else None) or ""
-            return (q, *h.search_images(q)) if q.strip() else (q, None, [], "")
+            return (q, *h.search_images(q)) if q.strip() else (gr.skip(),) * 4
 
         demo.load(from_address, None, [query, *search_outputs], api_visibility="private")
     return demo
