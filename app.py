@@ -28,20 +28,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_gallery(gallery_dir: Path, checkpoint: Path, split: str | None = None):
-    """Open the dataset and build (or load the cached) gallery index for this checkpoint."""
-    from chan.data import open_dataset
-    from chan.gallery import Gallery
-
-    dataset = open_dataset(gallery_dir)
-    return Gallery(checkpoint, dataset.split(split or dataset.default_split()))
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
+    from chan.gallery import open_gallery
+
     try:
-        gallery = load_gallery(args.gallery, args.checkpoint, args.split)
+        gallery = open_gallery(args.gallery, args.checkpoint, args.split)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

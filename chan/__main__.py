@@ -39,6 +39,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     evaluate_command(args.checkpoint, args.data, args.split, args.json)
 
 
+def _cmd_table(args: argparse.Namespace) -> None:
+    from .evaluate import table_command
+
+    table_command(args.checkpoints, args.data, args.split)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
@@ -75,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="joint space D (default: %(default)s)")
     p.add_argument("--finetune-layers", type=int, default=d.finetune_layers,
                    help="top BERT layers trained (default: %(default)s)")
+    p.add_argument("--bert-model", default=d.bert_model,
+                   help="BERT-style text model: the bundled package name, a local folder, or a hub id (default: %(default)s)")
     p.add_argument("--self-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="region self-attention block (default: on for bigru, off for bert)")
     p.add_argument("--max-photos", type=int, default=None, help="use only the first N train photos (quick runs)")
@@ -87,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="default: test where the dataset has one, else every photo")
     p.add_argument("--json", type=Path, default=None, help="also write the metrics as flat JSON")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("table", help="evaluate several checkpoints and print a markdown accuracy table")
+    p.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint files, one table row each")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: %(default)s)")
+    p.add_argument("--split", default=None, help="default: test where the dataset has one, else every photo")
+    p.set_defaults(func=_cmd_table)
     return parser
 
 

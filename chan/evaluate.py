@@ -73,17 +73,39 @@ def evaluate(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool =
     return recall_metrics(scores, owner)
 
 
-def evaluate_command(checkpoint: Path | None, data: Path, split: str | None, json_path: Path | None) -> dict:
-    from .checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+def _evaluate_checkpoint(checkpoint: Path, data: Path, split: str | None) -> tuple[dict, Dataset, str | None]:
+    from .checkpoint import load_checkpoint
 
-    model, settings, _ = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT)
+    model, settings, _ = load_checkpoint(checkpoint)
     dataset = open_dataset(data)
     split = split or dataset.default_split()
     dataset = dataset.split(split)
-    table = table_for(dataset, settings)
-    metrics = evaluate(model, dataset, table, progress=True)
+    return evaluate(model, dataset, table_for(dataset, settings), progress=True), dataset, split
+
+
+def evaluate_command(checkpoint: Path | None, data: Path, split: str | None, json_path: Path | None) -> dict:
+    from .checkpoint import DEFAULT_CHECKPOINT
+
+    metrics, dataset, split = _evaluate_checkpoint(checkpoint or DEFAULT_CHECKPOINT, data, split)
     print(f"{len(protocol_pairs(dataset)[0])} photos, {len(dataset.captions)} captions, split {split or '(all photos)'}")
     print(format_metrics(metrics))
     if json_path:
         Path(json_path).write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def table_command(checkpoints: list[Path], data: Path, split: str | None) -> str:
+    """A markdown accuracy table, one row per checkpoint (its file name and model description)."""
+    from .checkpoint import read_metadata
+
+    lines = ["| model | similarity | text | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in checkpoints:
+        config = read_metadata(path)["config"]
+        m, _, _ = _evaluate_checkpoint(path, data, split)
+        cells = [m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+        lines.append(f"| {Path(path).stem} | {config['similarity']} ({config['pooling']}) | {config['text_encoder']} | "
+                     + " | ".join(f"{c:.1f}" for c in cells) + f" | {m['rsum']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    return table

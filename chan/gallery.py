@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import load_checkpoint
-from .data import Dataset
+from .data import Dataset, open_dataset
 from .evaluate import encode_captions, encode_images
 from .features import CACHE_DIR, table_for
 from .model import CHAN
@@ -192,3 +192,9 @@ class Gallery:
                 f"{self.model.config.text_encoder} + {self.model.config.similarity} alignment"
                 + (f" · dev RSUM {dev['rsum']:.1f}" if "rsum" in dev else ""))
 
+
+
+def open_gallery(folder: Path, checkpoint: Path, split: str | None = None, progress: bool = True) -> Gallery:
+    """A dataset folder's split (default: test where there is one, else every photo) as a gallery."""
+    dataset = open_dataset(folder)
+    return Gallery(checkpoint, dataset.split(split or dataset.default_split()), progress=progress)

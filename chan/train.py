@@ -18,7 +18,7 @@ from .evaluate import evaluate
 from .features import RegionTable, table_for
 from .loss import triplet_loss
 from .metrics import format_metrics
-from .model import SPECIALS, CHAN, ModelConfig, tokenize_words
+from .model import DEFAULT_BERT, SPECIALS, CHAN, ModelConfig, tokenize_words
 from .regions import RegionSettings
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class TrainConfig:
     margin: float = 0.2
     embed_dim: int = 512
     finetune_layers: int = 2
+    bert_model: str = DEFAULT_BERT  # package name, local model folder or hub id
     grad_clip: float = 2.0
     region_dropout: float = 0.2
     token_mask: float = 0.2
@@ -109,7 +110,7 @@ def train(c: TrainConfig) -> dict:
     config = ModelConfig(
         feature_dim=settings.feature_dim, embed_dim=c.embed_dim, text_encoder=c.text_encoder,
         similarity=c.similarity, pooling=pooling, self_attention=self_attention,
-        finetune_layers=c.finetune_layers, vocab=build_vocab([x.text for x in train_set.captions]) if bigru else [],
+        finetune_layers=c.finetune_layers, bert_model=c.bert_model, vocab=build_vocab([x.text for x in train_set.captions]) if bigru else [],
     )
     model = CHAN(config)
     if bigru:

@@ -144,3 +144,16 @@ def test_api_endpoints_through_gradio_client(gallery, tmp_path):
         assert "Type a caption" in empty[-1]
     finally:
         demo.close()
+
+
+def test_a_plain_image_folder_is_a_gallery(tmp_path, gallery):
+    from chan.gallery import open_gallery
+
+    for p in gallery.photos[:4]:
+        Image.open(p.path).save(tmp_path / p.id)
+    folder_gallery = open_gallery(tmp_path, DEFAULT_CHECKPOINT, progress=False)
+    h = Handlers(folder_gallery)
+    items, _, status = h.search_images("a dog", 3)
+    assert len(items) == 3
+    rows, _, _ = h.rank_captions(None, "a dog\na street", folder_gallery.photos[0].id)
+    assert [r[3] for r in rows] == ["your caption", "your caption"]

@@ -1,0 +1,65 @@
+"""Server-side latency of the demo's actions on the default gallery; prints a table, writes JSON.
+
+python benchmarks/app_latency.py [--checkpoint PATH] [--gallery DIR] [--repeats N] [--json FILE]
+Each figure is the median of N runs after one warm-up. The warm start is the time to open the
+dataset and load the cached gallery index (run once before so that the cache exists).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.handlers import Handlers  # noqa: E402
+from chan.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
+from chan.gallery import open_gallery  # noqa: E402
+
+DEFAULT_GALLERY = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
+QUERIES = ["a black dog runs through the snow", "two children play on the beach", "a man rides a bike",
+           "a girl in a pink dress", "people walk down a busy city street"]
+TARGETS_MS = {"caption -> images": 100, "image -> captions (upload)": 1000, "inspector (gallery photo)": 300,
+              "warm start": 15000}
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", type=Path, default=Path("benchmarks/app_latency.json"))
+    args = p.parse_args()
+    logging.disable(logging.WARNING)
+    start = time.perf_counter()
+    gallery = open_gallery(args.gallery, args.checkpoint, progress=False)
+    results = {"warm start": (time.perf_counter() - start) * 1000}
+    h = Handlers(gallery)
+    queries = iter(QUERIES * (args.repeats + 1))
+    results["caption -> images"] = median_ms(lambda: gallery.search_images(next(queries), 12), args.repeats)
+    photo = str(gallery.photos[0].path)
+    results["image -> captions (upload)"] = median_ms(lambda: h.rank_captions(photo, "a dog\na cat", ""), args.repeats)
+    pid = gallery.photos[1].id
+    results["inspector (gallery photo)"] = median_ms(lambda: h.align(None, QUERIES[0], pid), args.repeats)
+    print(f"{'action':<30}{'median ms':>12}{'target ms':>12}  met")
+    for name, ms in results.items():
+        print(f"{name:<30}{ms:>12.1f}{TARGETS_MS[name]:>12}  {'yes' if ms <= TARGETS_MS[name] else 'NO'}")
+    args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
