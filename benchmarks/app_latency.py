@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.handlers import Handlers  # noqa: E402
+from benchmarks.run import median_seconds  # noqa: E402
 from chan.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from chan.gallery import open_gallery  # noqa: E402
 
@@ -28,13 +28,7 @@ TARGETS_MS = {"caption -> images": 100, "image -> captions (upload)": 1000, "ins
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return 1000 * median_seconds(fn, repeats)
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from .checkpoint import load_checkpoint
 from .data import Dataset, open_dataset
 from .evaluate import encode_captions, encode_images
 from .features import CACHE_DIR, table_for
-from .model import CHAN
 from .photos import load_photo
 from .regions import RegionExtractor, Regions
 from .similarity import Alignment, align
