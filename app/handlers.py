@@ -38,6 +38,11 @@ def friendly(n_outputs: int):
     return wrap
 
 
+def _path(image: str | dict | None) -> str | None:
+    """A file path from an Image input, processed (a str) or raw (gradio's FileData dict)."""
+    return image.get("path") if isinstance(image, dict) else image
+
+
 @dataclass
 class Inspection:
     """What the inspector shows for one pair, kept so that choosing a word only redraws the photo."""
@@ -59,8 +64,9 @@ class Handlers:
         return items, [h.photo_id for h in hits], "  \n".join([status] + [f"⚠️ {n}" for n in notes])
 
     @friendly(3)
-    def rank_captions(self, image_path: str | None, own_captions: str = "", photo_id: str = ""):
+    def rank_captions(self, image_path: str | dict | None, own_captions: str = "", photo_id: str = ""):
         """Photo -> gallery captions and your own, ranked; the photo with its regions drawn."""
+        image_path = _path(image_path)
         regions = self.gallery.photo_regions(image_path, photo_id or None)
         own = [line for line in (own_captions or "").splitlines() if line.strip()]
         ranked = self.gallery.rank_captions(regions, own, photo_id or None)
@@ -84,8 +90,9 @@ class Handlers:
         return load_photo(image_path) if image_path else None
 
     @friendly(7)
-    def align(self, image_path: str | None, caption: str, photo_id: str = ""):
+    def align(self, image_path: str | dict | None, caption: str, photo_id: str = ""):
         """Pair -> hard-alignment heatmap, soft-attention heatmap, contributions, boxes, word choices."""
+        image_path = _path(image_path)
         regions = self.gallery.photo_regions(image_path, photo_id or None)
         pair = self.gallery.align(regions, caption)
         a = pair.alignment

@@ -54,7 +54,7 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
             with gr.Tab("Image → captions", id="rank"):
                 with gr.Row():
                     with gr.Column():
-                        upload = gr.Image(type="filepath", label="Your photo", sources=["upload"], elem_id="upload")
+                        upload = gr.Image(type="filepath", image_mode=None, label="Your photo", sources=["upload"], elem_id="upload")
                         pick = gr.Dropdown(photo_choices, label="…or a gallery photo", value=None, filterable=True)
                         own = gr.Textbox(label="Your candidate captions, one a line", lines=3)
                         rank_button = gr.Button("Rank captions", variant="primary", elem_id="rank-button")
@@ -67,7 +67,7 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
             with gr.Tab("Alignment inspector", id="inspect"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        inspect_image = gr.Image(type="filepath", label="Photo", sources=["upload"])
+                        inspect_image = gr.Image(type="filepath", image_mode=None, label="Photo", sources=["upload"])
                         inspect_photo_id = gr.Textbox(label="Gallery photo id (empty for an uploaded photo)")
                         inspect_caption = gr.Textbox(label="Caption", elem_id="inspect-caption")
                         inspect_button = gr.Button("Inspect", variant="primary", elem_id="inspect-button")
@@ -99,9 +99,11 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
             return (*out, gr.Radio(choices=words or [], value=None), state, status)
 
         results.select(open_hit, [hit_ids, query], [inspect_image, inspect_photo_id, inspect_caption, tabs],
-                       api_visibility="private").then(align_and_list_words, align_inputs, align_outputs, api_visibility="private")
-        inspect_button.click(align_and_list_words, align_inputs, align_outputs, api_visibility="private")
-        inspect_caption.submit(align_and_list_words, align_inputs, align_outputs, api_visibility="private")
+                       api_visibility="private").then(align_and_list_words, align_inputs, align_outputs,
+                                                      api_visibility="private", preprocess=False)
+        # preprocess=False: the handlers open uploads themselves, so a bad file gets our message, not gradio's error
+        inspect_button.click(align_and_list_words, align_inputs, align_outputs, api_visibility="private", preprocess=False)
+        inspect_caption.submit(align_and_list_words, align_inputs, align_outputs, api_visibility="private", preprocess=False)
         # the API: figures, the caption's tokens and the status message (no per-session state)
         align_words = gr.JSON(visible=False)
 
@@ -111,7 +113,7 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
 
         gr.Button(visible=False).click(api_align, align_inputs,
                                        [hard_plot, soft_plot, contrib_plot, aligned_image, align_words, inspect_status],
-                                       api_name="align")
+                                       api_name="align", preprocess=False)
         word.change(h.draw_alignment, [inspection, word], aligned_image, api_visibility="private")
         inspect_image.upload(lambda: "", None, inspect_photo_id, api_visibility="private")
 
@@ -122,7 +124,7 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
         pick.change(pick_photo, pick, [upload, rank_photo_id], api_visibility="private")
         upload.upload(lambda: "", None, rank_photo_id, api_visibility="private")
         rank_button.click(h.rank_captions, [upload, own, rank_photo_id], [ranked, regions_image, rank_status],
-                          api_name="rank_captions")
+                          api_name="rank_captions", preprocess=False)
 
         def from_address(request: gr.Request):
             q = (request.query_params.get("q") if request else None) or ""

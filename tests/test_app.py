@@ -142,6 +142,10 @@ def test_api_endpoints_through_gradio_client(gallery, tmp_path):
         assert "CHAN score" in status and words[1] == "1:a"
         empty = client.predict("   ", 4, api_name="/search_images")
         assert "Type a caption" in empty[-1]
+        not_an_image = tmp_path / "notes.png"
+        not_an_image.write_text("plain text")
+        assert "not an image" in client.predict(handle_file(str(not_an_image)), "", "", api_name="/rank_captions")[-1]
+        assert "not an image" in client.predict(handle_file(str(not_an_image)), "a dog", "", api_name="/align")[-1]
     finally:
         demo.close()
 
