@@ -36,7 +36,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_command
 
-    evaluate_command(args.checkpoint, args.data, args.split, args.json)
+    evaluate_command(args.checkpoint, args.data, args.split, args.json, args.similarity)
 
 
 def _cmd_table(args: argparse.Namespace) -> None:
@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: %(default)s)")
     p.add_argument("--split", default=None, help="default: test where the dataset has one, else every photo")
     p.add_argument("--json", type=Path, default=None, help="also write the metrics as flat JSON")
+    p.add_argument("--similarity", choices=["hard", "soft", "global"], default=None,
+                   help="score with this similarity instead of the one the model was trained with")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("table", help="evaluate several checkpoints and print a markdown accuracy table")

@@ -73,20 +73,24 @@ def evaluate(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool =
     return recall_metrics(scores, owner)
 
 
-def _evaluate_checkpoint(checkpoint: Path, data: Path, split: str | None) -> tuple[dict, Dataset, str | None]:
+def _evaluate_checkpoint(checkpoint: Path, data: Path, split: str | None,
+                         similarity: str | None = None) -> tuple[dict, Dataset, str | None]:
     from .checkpoint import load_checkpoint
 
     model, settings, _ = load_checkpoint(checkpoint)
+    model.config.similarity = similarity or model.config.similarity
     dataset = open_dataset(data)
     split = split or dataset.default_split()
     dataset = dataset.split(split)
     return evaluate(model, dataset, table_for(dataset, settings), progress=True), dataset, split
 
 
-def evaluate_command(checkpoint: Path | None, data: Path, split: str | None, json_path: Path | None) -> dict:
+def evaluate_command(checkpoint: Path | None, data: Path, split: str | None, json_path: Path | None,
+                     similarity: str | None = None) -> dict:
+    """Evaluate a checkpoint (default: the app's); `similarity` scores it with another similarity than trained."""
     from .checkpoint import DEFAULT_CHECKPOINT
 
-    metrics, dataset, split = _evaluate_checkpoint(checkpoint or DEFAULT_CHECKPOINT, data, split)
+    metrics, dataset, split = _evaluate_checkpoint(checkpoint or DEFAULT_CHECKPOINT, data, split, similarity)
     print(f"{len(protocol_pairs(dataset)[0])} photos, {len(dataset.captions)} captions, split {split or '(all photos)'}")
     print(format_metrics(metrics))
     if json_path:
