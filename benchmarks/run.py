@@ -73,7 +73,7 @@ def bench_scale(sizes: list[int], K: int, L: int, D: int, repeats: int) -> list[
             images = unit(n, K, D, dtype=dtype)
             imask = torch.ones(n, K, dtype=torch.bool)
             q = query.to(dtype)
-            seconds = median_seconds(lambda: hard_scores(images, imask, q, qmask).topk(12), repeats)
+            seconds = median_seconds(lambda: hard_scores(images, imask, q, qmask)[:, 0].topk(12), repeats)
             per_photo_kb = images.element_size() * K * D / 1024
             out.append({"photos": n, "dtype": str(dtype).split(".")[-1], "ms": seconds * 1000, "kb_per_photo": per_photo_kb})
             rows.append([n, out[-1]["dtype"], seconds * 1000, per_photo_kb])
