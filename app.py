@@ -12,14 +12,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-DEFAULT_GALLERY = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "flickr8k"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from chan.checkpoint import DEFAULT_CHECKPOINT
+    from chan.data import DEFAULT_DATA
 
     p = argparse.ArgumentParser(description="CHAN demo: caption -> images, image -> captions, and the alignment inspector.")
-    p.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY,
+    p.add_argument("--gallery", type=Path, default=DEFAULT_DATA,
                    help="a dataset folder: Flickr8k or COCO layout, or a plain image folder (default: %(default)s)")
     p.add_argument("--split", default=None, help="gallery split (default: test where the dataset has one, else every photo)")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="CHAN checkpoint (default: %(default)s)")

@@ -20,7 +20,7 @@ from benchmarks.run import median_seconds  # noqa: E402
 from chan.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from chan.gallery import open_gallery  # noqa: E402
 
-DEFAULT_GALLERY = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
+from chan.data import DEFAULT_DATA as DEFAULT_GALLERY  # noqa: E402
 QUERIES = ["a black dog runs through the snow", "two children play on the beach", "a man rides a bike",
            "a girl in a pink dress", "people walk down a busy city street"]
 TARGETS_MS = {"caption -> images": 100, "image -> captions (upload)": 1000, "inspector (gallery photo)": 300,

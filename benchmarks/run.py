@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chan.similarity import hard_scores, soft_scores  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
+from chan.data import DEFAULT_DATA  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
+from .data import DEFAULT_DATA
 
 
 def _cmd_info(args: argparse.Namespace) -> None:

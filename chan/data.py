@@ -14,6 +14,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# The Flickr8k copy beside the project root (../shared), the default dataset of every command.
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 LAYOUTS = (
     "Flickr8k (Flickr8k_text/Flickr8k.token.txt + split lists + Flicker8k_Dataset/)",

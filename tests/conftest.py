@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
+# Caches written by the tests go to a temporary folder, never into the project's cache/.
+os.environ.setdefault("CHAN_CACHE", tempfile.mkdtemp(prefix="chan-test-cache-"))
+
+from chan.data import DEFAULT_DATA as FLICKR8K  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,5 +47,4 @@ def extractor():
 @pytest.fixture(scope="session")
 def small_flickr(tmp_path_factory, flickr8k) -> Path:
     """200 train, 100 dev and 100 test photos of the real Flickr8k, with their own feature cache."""
-    os.environ.setdefault("CHAN_CACHE", str(tmp_path_factory.mktemp("cache")))
     return make_flickr_subset(tmp_path_factory.mktemp("flickr-small"), flickr8k, 200, 100, 100)
