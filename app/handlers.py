@@ -124,7 +124,7 @@ class Handlers:
         for i in words:
             k = int(a.chosen[i])
             boxes.append(pair.boxes[k])
-            texts.append(f"{pair.words[i]} → r{k} {pair.region_labels[k]}")
+            texts.append(f"{pair.words[i]}: r{k} {pair.region_labels[k]}")  # ASCII: the default PIL font has no arrows
             colours.append(figures.word_colour(i))
         widths = [5 if focus is not None else 3] * len(boxes)
         return figures.draw_boxes(state.photo, boxes, texts, colours, widths)
