@@ -74,8 +74,9 @@ class Gallery:
         self.photo_index = {p.id: i for i, p in enumerate(self.photos)}
         by_photo = dataset.captions_by_photo()
         self.first_caption = [by_photo[p.id][0] if by_photo[p.id] else "" for p in self.photos]
-        self.caption_texts = [c.text for c in dataset.captions if c.photo_id in self.photo_index]
-        self.caption_photo = torch.tensor([self.photo_index[c.photo_id] for c in dataset.captions if c.photo_id in self.photo_index], dtype=torch.long)
+        captions = [c for c in dataset.captions if c.photo_id in self.photo_index]
+        self.caption_texts = [c.text for c in captions]
+        self.caption_photo = torch.tensor([self.photo_index[c.photo_id] for c in captions], dtype=torch.long)
         key = hashlib.sha1(f"{_file_digest(Path(checkpoint))}|{dataset.root.resolve()}|{[p.id for p in self.photos]}".encode()).hexdigest()[:16]
         self.cache_path = CACHE_DIR / f"gallery-{key}.safetensors"
         self._load_or_build()
