@@ -45,6 +45,16 @@ def _cmd_table(args: argparse.Namespace) -> None:
     table_command(args.checkpoints, args.data, args.split)
 
 
+def _cmd_import_official(args: argparse.Namespace) -> None:
+    from .official import import_official
+
+    model = import_official(args.path, args.out, args.vocab, args.bert, args.trust_pickle)
+    c = model.config
+    print(f"{args.out}: CHAN {c.text_encoder} ({c.pooling} pooling, D={c.embed_dim}, {c.feature_dim}-d precomputed regions"
+          f"{', region self-attention' if c.self_attention else ''}). Evaluate it with:\n"
+          f"  python -m chan evaluate --checkpoint {args.out} --data DIR_WITH_test_ims.npy --split test")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
@@ -90,13 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="R@1/5/10 both ways, RSUM, median and mean rank")
-    p.add_argument("--checkpoint", type=Path, default=None, help="default: the checkpoint the app loads")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: %(default)s)")
-    p.add_argument("--split", default=None, help="default: test where the dataset has one, else every photo")
+    p.add_argument("--checkpoint", type=Path, action="append", default=None,
+                   help="default: the checkpoint the app loads; repeat it to evaluate the mean score of several (an ensemble)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="dataset folder: Flickr8k or COCO layout, or precomputed <split>_ims.npy + <split>_caps.txt (default: %(default)s)")
+    p.add_argument("--split", default=None,
+                   help="default: test where the dataset has one, else every photo; a 5,000-photo split (COCO testall) "
+                        "is also reported with the 5-fold 1K protocol")
     p.add_argument("--json", type=Path, default=None, help="also write the metrics as flat JSON")
     p.add_argument("--similarity", choices=["hard", "soft", "global"], default=None,
                    help="score with this similarity instead of the one the model was trained with")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("import-official", help="convert an authors' released CHAN checkpoint (.pth.tar) into this project's format",
+                       description="Convert a checkpoint released with the CHAN paper (precomputed bottom-up-attention "
+                                   "features, BiGRU or BERT text encoder) into a safetensors checkpoint that evaluate and "
+                                   "the demo open, with a folder of <split>_ims.npy + <split>_caps.txt as data.")
+    p.add_argument("path", type=Path, help="the released checkpoint (a torch.save pickle)")
+    p.add_argument("--out", type=Path, required=True, help="the .safetensors checkpoint to write")
+    p.add_argument("--vocab", type=Path, default=None, help="BiGRU models: the SCAN vocabulary json (e.g. f30k_precomp_vocab.json)")
+    p.add_argument("--bert", type=Path, default=None, help="BERT models: the local bert-base-uncased folder they were trained from")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="required: the release is a pickle, and unpickling can run code (only allow-listed classes are accepted)")
+    p.set_defaults(func=_cmd_import_official)
 
     p = sub.add_parser("table", help="evaluate several checkpoints and print a markdown accuracy table")
     p.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint files, one table row each")

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .model import CHAN, ModelConfig, base_model_provenance
-from .regions import RegionSettings
+from .regions import PrecomputedSettings, RegionSettings, settings_from_key
 
 FORMAT = "chan-checkpoint-1"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "chan-bert-flickr8k.safetensors"
@@ -23,8 +24,10 @@ class CheckpointError(ValueError):
     """A file that is not a usable CHAN checkpoint."""
 
 
-def save_checkpoint(model: CHAN, regions: RegionSettings, path: Path, info: dict | None = None) -> None:
-    tensors = {k: v.detach().half().contiguous() for k, v in model.trainable_state().items()}
+def save_checkpoint(model: CHAN, regions: RegionSettings | PrecomputedSettings, path: Path, info: dict | None = None,
+                    dtype: torch.dtype = torch.float16) -> None:
+    """Write the trainable tensors (fp16 by default; imports keep fp32 to reproduce scores exactly)."""
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.trainable_state().items()}
     meta = {
         "format": FORMAT,
         "config": json.dumps(model.describe()),
@@ -54,12 +57,15 @@ def read_metadata(path: Path) -> dict:
     return {k: json.loads(meta[k]) if k != "regions" else meta[k] for k in ("config", "regions", "base_model", "info")}
 
 
-def load_checkpoint(path: Path) -> tuple[CHAN, RegionSettings, dict]:
+def load_checkpoint(path: Path) -> tuple[CHAN, RegionSettings | PrecomputedSettings, dict]:
     """Rebuild the model on CPU; returns (model in eval mode, region settings, training info)."""
     meta = read_metadata(path)
     config = ModelConfig(**meta["config"])
-    regions = RegionSettings(**json.loads(meta["regions"]))
-    model = CHAN(config)
+    regions = settings_from_key(meta["regions"])
+    try:
+        model = CHAN(config)
+    except OSError as e:  # transformers could not find the base text model
+        raise CheckpointError(f"{path}: its base text model {config.bert_model!r} could not be loaded ({e})") from e
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}

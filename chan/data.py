@@ -20,6 +20,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 LAYOUTS = (
     "Flickr8k (Flickr8k_text/Flickr8k.token.txt + split lists + Flicker8k_Dataset/)",
     "COCO captions (annotations/captions_<split>.json beside the <split>/ image folder)",
+    "precomputed features (<split>_ims.npy and <split>_caps.txt, as SCAN and CHAN release them)",
     "a plain folder of images (no captions)",
 )
 
@@ -31,7 +32,7 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class Photo:
     id: str  # file name relative to the image folder; unique within a dataset
-    path: Path
+    path: Path | None  # None: a precomputed-feature folder holds no photo files
     split: str | None
 
 
@@ -48,6 +49,7 @@ class Dataset:
     photos: list[Photo]
     captions: list[Caption]
     quirks: Counter = field(default_factory=Counter)
+    features: dict[str, Path] = field(default_factory=dict)  # split -> <split>_ims.npy (precomputed layout)
 
     @property
     def splits(self) -> list[str]:
@@ -62,7 +64,7 @@ class Dataset:
         photos = [p for p in self.photos if p.split == name]
         ids = {p.id for p in photos}
         captions = [c for c in self.captions if c.photo_id in ids]
-        return Dataset(self.root, self.layout, photos, captions, Counter(self.quirks))
+        return Dataset(self.root, self.layout, photos, captions, Counter(self.quirks), self.features)
 
     def default_split(self) -> str | None:
         """`test` where the dataset has one, otherwise every photo (None)."""
@@ -87,7 +89,7 @@ class Dataset:
         return "\n".join(lines)
 
 
-def _read_text(path: Path, quirks: Counter) -> list[str]:
+def read_text(path: Path, quirks: Counter) -> list[str]:
     """Lines of a text file; undecodable bytes are replaced and counted."""
     lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     bad = sum("\ufffd" in line for line in lines)
@@ -129,7 +131,7 @@ def _read_flickr8k(root: Path) -> Dataset:
         if not list_file.exists():
             quirks[f"missing split list {list_file.name}"] += 1
             continue
-        for name in _read_text(list_file, quirks):
+        for name in read_text(list_file, quirks):
             name = name.strip()
             if not name:
                 continue
@@ -141,7 +143,7 @@ def _read_flickr8k(root: Path) -> Dataset:
     if no_split:
         quirks["photos in no split"] += no_split
     pairs = []
-    for line in _read_text(text_dir / "Flickr8k.token.txt", quirks):
+    for line in read_text(text_dir / "Flickr8k.token.txt", quirks):
         if not line.strip():
             continue
         key, _, text = line.partition("\t")
@@ -189,6 +191,10 @@ def open_dataset(path: str | Path) -> Dataset:
         dataset = _read_flickr8k(root)
     elif list((root / "annotations").glob("captions_*.json")):
         dataset = _read_coco(root)
+    elif list(root.glob("*_ims.npy")):
+        from .precomputed import read_precomputed
+
+        dataset = read_precomputed(root)
     elif _image_files(root):
         dataset = _read_folder(root)
     else:

@@ -10,10 +10,11 @@ from tqdm import tqdm
 
 from .data import Dataset, DatasetError, open_dataset
 from .features import RegionTable, table_for
-from .metrics import format_metrics, recall_metrics
+from .metrics import fold_metrics, format_metrics, recall_metrics
 from .model import CHAN
 
 CAPTIONS_PER_PHOTO = 5
+COCO_5K = 5000  # a split this size is also reported with the 5-fold 1K protocol
 
 
 @dataclass
@@ -63,36 +64,56 @@ def protocol_pairs(dataset: Dataset) -> tuple[list[str], list[str], torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool = False) -> dict[str, float]:
-    """Every caption of `dataset` against every photo: R@K both ways, RSUM, ranks."""
+def split_scores(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every caption of `dataset` against every photo: scores (N, M) and each caption's photo index."""
     model.eval()
     ids, texts, owner = protocol_pairs(dataset)
     images = encode_images(model, table, ids)
     captions = encode_captions(model, texts, progress=progress)
-    scores = model.scores(images.embeddings, images.mask, captions.embeddings, captions.mask)
-    return recall_metrics(scores, owner)
+    return model.scores(images.embeddings, images.mask, captions.embeddings, captions.mask), owner
 
 
-def _evaluate_checkpoint(checkpoint: Path, data: Path, split: str | None,
-                         similarity: str | None = None) -> tuple[dict, Dataset, str | None]:
+def evaluate(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool = False) -> dict[str, float]:
+    """R@K both ways, RSUM and ranks of `model` on `dataset`."""
+    return recall_metrics(*split_scores(model, dataset, table, progress))
+
+
+def _open_split(data: Path, split: str | None) -> tuple[Dataset, str | None]:
+    dataset = open_dataset(data)
+    split = split or dataset.default_split()
+    return dataset.split(split), split
+
+
+def checkpoint_scores(checkpoint: Path, dataset: Dataset, similarity: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of one checkpoint on a dataset split (optionally with another similarity than it was trained with)."""
     from .checkpoint import load_checkpoint
 
     model, settings, _ = load_checkpoint(checkpoint)
     model.config.similarity = similarity or model.config.similarity
-    dataset = open_dataset(data)
-    split = split or dataset.default_split()
-    dataset = dataset.split(split)
-    return evaluate(model, dataset, table_for(dataset, settings), progress=True), dataset, split
+    return split_scores(model, dataset, table_for(dataset, settings), progress=True)
 
 
-def evaluate_command(checkpoint: Path | None, data: Path, split: str | None, json_path: Path | None,
+def evaluate_command(checkpoints: list[Path] | None, data: Path, split: str | None, json_path: Path | None,
                      similarity: str | None = None) -> dict:
-    """Evaluate a checkpoint (default: the app's); `similarity` scores it with another similarity than trained."""
+    """Evaluate a checkpoint (default: the app's), or the mean score of several (an ensemble).
+
+    A split of 5,000 photos (COCO 5K) is also reported with the 5-fold 1K protocol (keys `fold5_*`).
+    """
     from .checkpoint import DEFAULT_CHECKPOINT
 
-    metrics, dataset, split = _evaluate_checkpoint(checkpoint or DEFAULT_CHECKPOINT, data, split, similarity)
-    print(f"{len(protocol_pairs(dataset)[0])} photos, {len(dataset.captions)} captions, split {split or '(all photos)'}")
-    print(format_metrics(metrics))
+    dataset, split = _open_split(data, split)
+    runs = [checkpoint_scores(c, dataset, similarity) for c in checkpoints or [DEFAULT_CHECKPOINT]]
+    scores, owner = sum(s for s, _ in runs) / len(runs), runs[0][1]
+    metrics = recall_metrics(scores, owner)
+    print(f"{scores.shape[0]} photos, {scores.shape[1]} captions, split {split or '(all photos)'}"
+          + (f", mean score of {len(runs)} models" if len(runs) > 1 else ""))
+    if scores.shape[0] == COCO_5K:
+        fold = fold_metrics(scores, owner)
+        print("5-fold 1K (mean of the folds): " + format_metrics(fold))
+        print("full 5K: " + format_metrics(metrics))
+        metrics.update({f"fold5_{k}": v for k, v in fold.items()})
+    else:
+        print(format_metrics(metrics))
     if json_path:
         Path(json_path).write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -102,11 +123,12 @@ def table_command(checkpoints: list[Path], data: Path, split: str | None) -> str
     """A markdown accuracy table, one row per checkpoint (its file name and model description)."""
     from .checkpoint import read_metadata
 
+    dataset, split = _open_split(data, split)
     lines = ["| model | similarity | text | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for path in checkpoints:
         config = read_metadata(path)["config"]
-        m, _, _ = _evaluate_checkpoint(path, data, split)
+        m = recall_metrics(*checkpoint_scores(path, dataset))
         cells = [m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
         lines.append(f"| {Path(path).stem} | {config['similarity']} ({config['pooling']}) | {config['text_encoder']} | "
                      + " | ".join(f"{c:.1f}" for c in cells) + f" | {m['rsum']:.1f} |")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .data import Dataset
 from .photos import PhotoError, load_photo
-from .regions import RegionExtractor, Regions, RegionSettings
+from .regions import PrecomputedSettings, RegionExtractor, Regions, RegionSettings
 
 log = logging.getLogger(__name__)
 FORMAT = "chan-regions-1"
@@ -39,8 +39,8 @@ class RegionTable:
     """Region features of many photos, indexed by photo id."""
 
     photo_ids: list[str]
-    features: torch.Tensor  # (N, K, F) fp16
-    boxes: torch.Tensor  # (N, K, 4) fp32
+    features: torch.Tensor  # (N, K, F) fp16 (fp32 for precomputed files)
+    boxes: torch.Tensor | None  # (N, K, 4) fp32; None for precomputed features
     scores: torch.Tensor  # (N, K) fp16
     label_ids: torch.Tensor  # (N, K) int16
     detected: torch.Tensor  # (N, K) bool
@@ -56,7 +56,7 @@ class RegionTable:
     def regions(self, photo_id: str) -> Regions:
         i = self.index[photo_id]
         return Regions(
-            boxes=self.boxes[i].numpy(),
+            boxes=None if self.boxes is None else self.boxes[i].numpy(),
             features=self.features[i].float().numpy(),
             labels=[self.label_names[j] for j in self.label_ids[i].tolist()],
             scores=self.scores[i].float().numpy(),
@@ -178,8 +178,13 @@ def extract(
     return load_table(out, settings)
 
 
-def table_for(dataset: Dataset, settings: RegionSettings, path: Path | None = None, progress: bool = True) -> RegionTable:
-    """The cached features of `dataset`, extracting whatever photos are missing."""
+def table_for(dataset: Dataset, settings: RegionSettings | PrecomputedSettings, path: Path | None = None,
+              progress: bool = True) -> RegionTable:
+    """The cached features of `dataset`, extracting whatever photos are missing (or a precomputed folder's)."""
+    if dataset.layout == "precomputed" or isinstance(settings, PrecomputedSettings):
+        from .precomputed import precomputed_table
+
+        return precomputed_table(dataset, settings)
     path = Path(path) if path else default_cache_path(dataset, settings)
     if path.exists():
         table = load_table(path, settings)

@@ -29,6 +29,17 @@ def recall_metrics(scores: torch.Tensor, caption_image: torch.Tensor) -> dict[st
     return out
 
 
+def fold_metrics(scores: torch.Tensor, caption_image: torch.Tensor, folds: int = 5) -> dict[str, float]:
+    """The COCO 5-fold 1K protocol: metrics on consecutive blocks of N / folds images and their captions, averaged."""
+    size = scores.shape[0] // folds
+    per_fold = []
+    for f in range(folds):
+        lo, hi = f * size, (f + 1) * size
+        keep = (caption_image >= lo) & (caption_image < hi)
+        per_fold.append(recall_metrics(scores[lo:hi][:, keep], caption_image[keep] - lo))
+    return {k: sum(m[k] for m in per_fold) / folds for k in per_fold[0]}
+
+
 def format_metrics(m: dict[str, float]) -> str:
     return (
         f"i2t R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f} R@10 {m['i2t_r10']:.1f} medr {m['i2t_medr']:.0f} meanr {m['i2t_meanr']:.1f} | "

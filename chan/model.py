@@ -30,13 +30,14 @@ class ModelConfig:
     embed_dim: int = 512
     text_encoder: str = "bert"  # bert | bigru
     similarity: str = "hard"  # hard | soft | global
-    pooling: str = "mean"  # mean | lse
+    pooling: str = "mean"  # mean | lse | lse_raw (the authors' unscaled log-sum-exp)
     self_attention: bool = False
     heads: int = 8
     bert_model: str = DEFAULT_BERT  # package name, local folder or hub id
-    finetune_layers: int = 2
+    finetune_layers: int = 2  # top BERT layers trained and stored; -1: the whole BERT (imported models)
     word_dim: int = 50
     vocab: list[str] = field(default_factory=list)
+    word_tokenizer: str = "simple"  # simple: lower-case words; treebank: NLTK's, as the authors' BiGRU models
 
 
 def bert_path(name: str) -> str:
@@ -76,7 +77,12 @@ class ImageEncoder(nn.Module):
         return F.normalize(x, dim=-1)
 
 
-def tokenize_words(text: str) -> list[str]:
+def tokenize_words(text: str, tokenizer: str = "simple") -> list[str]:
+    """Lower-case words; `treebank` splits punctuation and clitics as NLTK's word_tokenize does."""
+    if tokenizer == "treebank":
+        from nltk.tokenize import NLTKWordTokenizer
+
+        return NLTKWordTokenizer().tokenize(text.lower())
     return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
 
 
@@ -86,6 +92,7 @@ class BiGRUEncoder(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.vocab = c.vocab
+        self.word_tokenizer = c.word_tokenizer
         self.index = {w: i for i, w in enumerate(c.vocab)}
         self.mask_id, self.unk_id = self.index["<mask>"], self.index["<unk>"]
         self.embed = nn.Embedding(len(c.vocab), c.word_dim, padding_idx=0)
@@ -108,7 +115,7 @@ class BiGRUEncoder(nn.Module):
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
         """Ids (M, L) and mask; words include <start> and <end> as in the authors' code."""
-        words = [["<start>"] + tokenize_words(t) + ["<end>"] for t in texts]
+        words = [["<start>"] + tokenize_words(t, self.word_tokenizer) + ["<end>"] for t in texts]
         L = max(len(w) for w in words)
         ids = torch.zeros(len(texts), L, dtype=torch.long)
         for row, ws in enumerate(words):
@@ -138,8 +145,8 @@ class BertEncoder(nn.Module):
         self.linear = nn.Linear(self.bert.config.hidden_size, c.embed_dim)
         layers = self.bert.encoder.layer
         for p in self.bert.parameters():
-            p.requires_grad = False
-        for layer in layers[len(layers) - c.finetune_layers :] if c.finetune_layers else []:
+            p.requires_grad = c.finetune_layers < 0
+        for layer in layers[len(layers) - c.finetune_layers :] if c.finetune_layers > 0 else []:
             for p in layer.parameters():
                 p.requires_grad = True
 

@@ -44,11 +44,29 @@ class RegionSettings:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+@dataclass(frozen=True)
+class PrecomputedSettings:
+    """Region features computed elsewhere (e.g. the authors' bottom-up-attention files): nothing to extract here."""
+
+    feature_dim: int = 2048
+    num_regions: int = 36
+    source: str = "precomputed <split>_ims.npy"
+
+    def key(self) -> str:
+        return json.dumps({"precomputed": True, **asdict(self)}, sort_keys=True)
+
+
+def settings_from_key(key: str) -> RegionSettings | PrecomputedSettings:
+    """The settings a checkpoint or feature file was made with, from their JSON key."""
+    values = json.loads(key)
+    return PrecomputedSettings(**values) if values.pop("precomputed", False) else RegionSettings(**values)
+
+
 @dataclass
 class Regions:
     """The regions of one photo, in the photo's own pixel coordinates."""
 
-    boxes: np.ndarray  # (K, 4) x1 y1 x2 y2, float32
+    boxes: np.ndarray | None  # (K, 4) x1 y1 x2 y2, float32; None for precomputed features
     features: np.ndarray  # (K, F) float32
     labels: list[str]
     scores: np.ndarray  # (K,) detector confidence or classifier probability

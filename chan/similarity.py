@@ -21,15 +21,23 @@ SCAN_LAMBDA = 9.0
 NEG = -1e4  # below any cosine: padded regions never win
 
 
+POOLINGS = ("mean", "lse", "lse_raw")
+
+
 def pool_words(word_scores: torch.Tensor, word_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool (..., L) per-word scores over the valid words: mean, or lambda * logsumexp(s / lambda)."""
+    """Pool (..., L) per-word scores over the valid words.
+
+    mean; lse = lambda * logsumexp(s / lambda), on the cosines' scale; lse_raw = logsumexp(s / lambda)
+    as in the authors' code (the same ranking, 1/lambda times larger).
+    """
     mask = word_mask.to(word_scores.dtype)
     if pooling == "mean":
         return (word_scores * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    if pooling == "lse":
+    if pooling in ("lse", "lse_raw"):
         masked = word_scores.masked_fill(~word_mask.bool(), float("-inf"))
-        return LSE_TEMPERATURE * torch.logsumexp(masked / LSE_TEMPERATURE, -1)
-    raise ValueError(f"unknown pooling {pooling!r}; use 'mean' or 'lse'")
+        pooled = torch.logsumexp(masked / LSE_TEMPERATURE, -1)
+        return LSE_TEMPERATURE * pooled if pooling == "lse" else pooled
+    raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
 
 
 def _cosines(images: torch.Tensor, image_mask: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
@@ -132,7 +140,7 @@ def align(regions: torch.Tensor, words: torch.Tensor, pooling: str = "mean") -> 
     L = len(words)
     if pooling == "mean":
         contributions = best / L
-    else:  # lambda * logsumexp splits exactly by softmax weights: sum_i w_i * score = score
+    else:  # log-sum-exp pooling splits exactly by softmax weights: sum_i w_i * score = score
         contributions = torch.softmax(best / LSE_TEMPERATURE, 0) * pool_words(best, torch.ones(L, dtype=torch.bool), pooling)
     ones_r, ones_w = torch.ones(1, len(regions), dtype=torch.bool), torch.ones(1, L, dtype=torch.bool)
     alpha = _scan_attention(_cosines(regions[None], ones_r, words[None]), ones_w)[0, :, 0]
