@@ -20,7 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description="CHAN demo: caption -> images, image -> captions, and the alignment inspector.")
     p.add_argument("--gallery", type=Path, default=DEFAULT_DATA,
-                   help="a dataset folder: Flickr8k or COCO layout, or a plain image folder (default: %(default)s)")
+                   help="a dataset folder: Flickr8k or COCO layout, a plain image folder, or precomputed features "
+                        "(<split>_ims.npy + <split>_caps.txt, with a checkpoint from import-official) (default: %(default)s)")
     p.add_argument("--split", default=None, help="gallery split (default: test where the dataset has one, else every photo)")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="CHAN checkpoint (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")

@@ -1,6 +1,8 @@
 """Figures for the inspector: Plotly heatmaps and bars, photos with coloured boxes. Plain data in."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import plotly.graph_objects as go
 from PIL import Image, ImageDraw, ImageFont
@@ -16,8 +18,8 @@ def word_colour(i: int) -> str:
 
 
 def region_names(labels: list[str]) -> list[str]:
-    """Unique axis names: 'r3 dog'."""
-    return [f"r{k} {label}" for k, label in enumerate(labels)]
+    """Unique axis names: 'r3 dog' (just 'r3' for unlabelled precomputed regions)."""
+    return [f"r{k} {label}".strip() for k, label in enumerate(labels)]
 
 
 def word_names(words: list[str]) -> list[str]:
@@ -92,4 +94,14 @@ def draw_boxes(photo: Image.Image, boxes: np.ndarray, captions: list[str], colou
         left, top, right, bottom = draw.textbbox((tx, ty), text, font=font)
         draw.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=colour)
         draw.text((tx, ty), text, fill="white", font=font)
+    return image
+
+
+def placeholder(photo_id: str, caption: str, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """A card standing in for a photo the gallery has no file for (precomputed features): its id and first caption."""
+    image = Image.new("RGB", size, "#eef0f4")
+    draw = ImageDraw.Draw(image)
+    title, body = _font(22), _font(15)
+    draw.text((14, 12), photo_id, fill="#333366", font=title)
+    draw.text((14, 46), "\n".join(textwrap.wrap(caption or "(no caption)", 34)[:8]), fill="#222222", font=body, spacing=4)
     return image

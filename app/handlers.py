@@ -59,7 +59,7 @@ class Handlers:
     def search_images(self, query: str, k: float = 12):
         """Caption -> the top-k gallery photos with rank and score."""
         hits, notes, ms = self.gallery.search_images(query, int(k or 12))
-        items = [(h.path, f"#{h.rank} · {h.score:.3f} · {h.caption}") for h in hits]
+        items = [(h.path or figures.placeholder(h.photo_id, h.caption), f"#{h.rank} · {h.score:.3f} · {h.caption}") for h in hits]
         status = f"Top {len(hits)} of {len(self.gallery.photos)} photos in {ms:.0f} ms."
         return items, [h.photo_id for h in hits], "  \n".join([status] + [f"⚠️ {n}" for n in notes])
 
@@ -74,19 +74,23 @@ class Handlers:
                  "your caption" if r.source == "yours" else r.source] for r in ranked]
         photo = self._photo(image_path, photo_id)
         drawn = None
-        if photo is not None:
+        if photo is not None and regions.boxes is not None:
             colours = [figures.word_colour(i) if d else "#888888" for i, d in enumerate(regions.detected)]
             keep = [i for i, d in enumerate(regions.detected) if d] or [0]
             drawn = figures.draw_boxes(photo, regions.boxes[keep], [regions.labels[i] for i in keep], [colours[i] for i in keep])
-        n_det = int(regions.detected.sum())
-        status = f"{len(rows)} captions ranked · {n_det} detected regions (+ whole photo and grid cells: {len(regions.labels)} in all)."
+        if regions.boxes is None:
+            status = f"{len(rows)} captions ranked · {len(regions.labels)} precomputed regions (this gallery has no photos or boxes to draw)."
+        else:
+            n_det = int(regions.detected.sum())
+            status = f"{len(rows)} captions ranked · {n_det} detected regions (+ whole photo and grid cells: {len(regions.labels)} in all)."
         if own:
             status += f" Yours: {', '.join(f'#{r.rank}' for r in ranked if r.source == 'yours')}."
         return rows, drawn, status
 
     def _photo(self, image_path: str | None, photo_id: str | None) -> Image.Image | None:
         if photo_id and photo_id in self.gallery.photo_index:
-            return load_photo(self.gallery.photos[self.gallery.photo_index[photo_id]].path)
+            path = self.gallery.photos[self.gallery.photo_index[photo_id]].path
+            return load_photo(path) if path else None
         return load_photo(image_path) if image_path else None
 
     @friendly(7)
@@ -101,6 +105,10 @@ class Handlers:
         status = (f"CHAN score {a.score:.3f} (soft attention would give {a.soft_score:.3f}). "
                   f"{len(set(a.chosen.tolist()))} distinct regions chosen by {len(pair.words)} tokens; "
                   f"{a.cosine.size - len(pair.words)} alignments eliminated.")
+        if pair.boxes is None:
+            status += ("  \nThis gallery holds precomputed region features (the authors' bottom-up-attention files) "
+                       f"without photos or boxes, so regions are named by index (r0–r{len(pair.region_labels) - 1}) "
+                       "and none can be drawn.")
         return (
             figures.hard_alignment_heatmap(a.cosine, a.chosen, pair.words, pair.region_labels),
             figures.soft_attention_heatmap(a.soft_attention, pair.words, pair.region_labels),
@@ -114,7 +122,7 @@ class Handlers:
     @staticmethod
     def draw_alignment(state: Inspection | None, word: str | None) -> Image.Image | None:
         """The photo with each word's chosen region in the word's colour; a chosen word stands out."""
-        if state is None or state.photo is None:
+        if state is None or state.photo is None or state.pair.boxes is None:
             return None
         pair, a = state.pair, state.pair.alignment
         names = figures.word_names(pair.words)

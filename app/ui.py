@@ -26,7 +26,7 @@ a photo, and inspect the alignment of any pair."""
 
 def launch(demo: gr.Blocks, gallery: Gallery, **kwargs) -> None:
     """Serve the demo locally: no share link, system fonts, only the gallery's photo folders readable."""
-    folders = sorted({str(p.path.resolve().parent) for p in gallery.photos})
+    folders = sorted({str(p.path.resolve().parent) for p in gallery.photos if p.path})
     demo.launch(share=False, theme=THEME, show_error=False, allowed_paths=folders, **kwargs)
 
 
@@ -88,7 +88,8 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
 
         def open_hit(ids: list[str], caption: str, evt: gr.SelectData):
             photo_id = ids[evt.index]
-            path = str(gallery.photos[gallery.photo_index[photo_id]].path)
+            path = gallery.photos[gallery.photo_index[photo_id]].path
+            path = str(path) if path else None
             return path, photo_id, caption, gr.Tabs(selected="inspect")
 
         align_inputs = [inspect_image, inspect_caption, inspect_photo_id]
@@ -118,7 +119,8 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
         inspect_image.upload(lambda: "", None, inspect_photo_id, api_visibility="private")
 
         def pick_photo(photo_id: str | None):
-            path = str(gallery.photos[gallery.photo_index[photo_id]].path) if photo_id in gallery.photo_index else None
+            path = gallery.photos[gallery.photo_index[photo_id]].path if photo_id in gallery.photo_index else None
+            path = str(path) if path else None
             return path, photo_id or ""
 
         pick.change(pick_photo, pick, [upload, rank_photo_id], api_visibility="private")

@@ -19,7 +19,7 @@ from .data import Dataset, open_dataset
 from .evaluate import encode_captions, encode_images
 from .features import CACHE_DIR, table_for
 from .photos import load_photo
-from .regions import RegionExtractor, Regions
+from .regions import PrecomputedSettings, RegionExtractor, Regions
 from .similarity import Alignment, align
 
 MAX_QUERY_CHARS = 2000
@@ -34,7 +34,7 @@ class Hit:
     rank: int
     score: float
     photo_id: str
-    path: str
+    path: str  # "" when the gallery holds precomputed features without photo files
     caption: str  # the photo's first caption ("" in a plain folder)
 
 
@@ -51,7 +51,7 @@ class RankedCaption:
 class PairAlignment:
     words: list[str]
     region_labels: list[str]
-    boxes: np.ndarray | None  # (K, 4) photo pixels
+    boxes: np.ndarray | None  # (K, 4) photo pixels; None for precomputed features
     alignment: Alignment
 
 
@@ -104,6 +104,11 @@ class Gallery:
         self.region_mask = torch.ones(self.regions.shape[:2], dtype=torch.bool)
 
     @property
+    def precomputed(self) -> bool:
+        """Region features read from precomputed files: no photos to show, no boxes, no uploads."""
+        return isinstance(self.settings, PrecomputedSettings)
+
+    @property
     def extractor(self) -> RegionExtractor:
         if self._extractor is None:
             self._extractor = RegionExtractor(self.settings)
@@ -140,7 +145,7 @@ class Gallery:
             scores = self.model.scores(self.regions, self.region_mask, emb, mask)[:, 0]
         top = scores.topk(min(k, len(scores)))
         hits = [
-            Hit(r + 1, float(s), self.photos[i].id, str(self.photos[i].path), self.first_caption[i])
+            Hit(r + 1, float(s), self.photos[i].id, str(self.photos[i].path or ""), self.first_caption[i])
             for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()))
         ]
         return hits, self.query_notes(words), (time.perf_counter() - start) * 1000
@@ -151,6 +156,9 @@ class Gallery:
             return self.table.regions(photo_id)
         if photo is None:
             raise QueryError("Upload a photo or pick one from the gallery first.")
+        if self.precomputed:
+            raise QueryError("This model reads precomputed region features (the authors' bottom-up-attention files), "
+                             "which cannot be computed for a new photo here: pick a gallery photo instead.")
         return self.extractor([load_photo(photo)])[0]
 
     def _region_embeddings(self, regions: Regions) -> torch.Tensor:
@@ -190,7 +198,9 @@ class Gallery:
         dev = info.get("dev", {})
         return (f"{len(self.photos)} photos, {len(self.caption_texts)} captions · model: "
                 f"{self.model.config.text_encoder} + {self.model.config.similarity} alignment"
-                + (f" · dev RSUM {dev['rsum']:.1f}" if "rsum" in dev else ""))
+                + (f" · dev RSUM {dev['rsum']:.1f}" if "rsum" in dev else "")
+                + (f" · imported from {info['imported_from']}" if "imported_from" in info else "")
+                + (" · precomputed region features: no photo files, regions named by index" if self.precomputed else ""))
 
 
 

@@ -289,3 +289,28 @@ def test_five_fold_protocol_matches_the_authors_slicing():
     expected = np.mean(per_fold, axis=0)
     np.testing.assert_allclose([ours[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)], expected, atol=1e-9)
     assert 0 < ours["rsum"] < 600
+
+
+def test_the_demo_serves_an_imported_model_on_its_precomputed_folder(bigru_release, precomp, tmp_path):
+    from app.handlers import Handlers
+    from chan.gallery import open_gallery
+
+    folder = bigru_release[0]
+    out = tmp_path / "imported.safetensors"
+    import_official(folder / "model_best.pth.tar", out, vocab_json=folder / "f30k_precomp_vocab.json", trust_pickle=True)
+    gallery = open_gallery(precomp, out, "test", progress=False)
+    assert gallery.precomputed and "precomputed region features" in gallery.describe()
+    h = Handlers(gallery)
+
+    items, ids, status = h.search_images("a dog runs through the snow", 3)
+    assert len(ids) == 3 and all(i.startswith("test/") for i in ids)
+    assert items[0][0].size == (320, 240)  # a card with the photo id and caption stands in for the missing photo
+    hard, soft, bars, drawn, words, state, status = h.align(None, "a dog runs through the snow", ids[0])
+    assert drawn is None and words[1] == "1:a" and "named by index (r0–r35)" in status
+    assert "r0" in hard.data[0].x and len(hard.data[0].x) == REGIONS
+    rows, drawn, status = h.rank_captions(None, "a red ball", ids[0])
+    assert len(rows) == 21 and drawn is None and "precomputed regions" in status
+    photo = tmp_path / "photo.png"
+    __import__("PIL.Image").Image.new("RGB", (64, 48), "red").save(photo)
+    *_, message = h.rank_captions(str(photo), "", "")
+    assert "cannot be computed for a new photo here" in message
