@@ -97,11 +97,11 @@ def draw_boxes(photo: Image.Image, boxes: np.ndarray, captions: list[str], colou
     return image
 
 
-def placeholder(photo_id: str, caption: str, size: tuple[int, int] = (320, 240)) -> Image.Image:
+def placeholder(photo_id: str, caption: str, size: tuple[int, int] = (300, 300)) -> Image.Image:
     """A card standing in for a photo the gallery has no file for (precomputed features): its id and first caption."""
     image = Image.new("RGB", size, "#eef0f4")
     draw = ImageDraw.Draw(image)
     title, body = _font(22), _font(15)
     draw.text((14, 12), photo_id, fill="#333366", font=title)
-    draw.text((14, 46), "\n".join(textwrap.wrap(caption or "(no caption)", 34)[:8]), fill="#222222", font=body, spacing=4)
+    draw.text((14, 46), "\n".join(textwrap.wrap(caption or "(no caption)", 28)[:10]), fill="#222222", font=body, spacing=4)
     return image

@@ -304,7 +304,7 @@ def test_the_demo_serves_an_imported_model_on_its_precomputed_folder(bigru_relea
 
     items, ids, status = h.search_images("a dog runs through the snow", 3)
     assert len(ids) == 3 and all(i.startswith("test/") for i in ids)
-    assert items[0][0].size == (320, 240)  # a card with the photo id and caption stands in for the missing photo
+    assert items[0][0].size == (300, 300)  # a card with the photo id and caption stands in for the missing photo
     hard, soft, bars, drawn, words, state, status = h.align(None, "a dog runs through the snow", ids[0])
     assert drawn is None and words[1] == "1:a" and "named by index (r0–r35)" in status
     assert "r0" in hard.data[0].x and len(hard.data[0].x) == REGIONS
