@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--lr-step", type=int, default=d.lr_step, help="epoch at which lr drops x0.1 (default: %(default)s)")
     p.add_argument("--margin", type=float, default=d.margin, help="triplet margin (default: %(default)s)")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
+                   help="epochs summing the loss over all negatives before only the hardest counts (default: %(default)s)")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="joint space D (default: %(default)s)")
     p.add_argument("--finetune-layers", type=int, default=d.finetune_layers,
                    help="top BERT layers trained (default: %(default)s)")

@@ -68,11 +68,35 @@ def _by_caption(captions, caption_mask, chunk: int, score_chunk) -> torch.Tensor
     return out.T
 
 
+def best_region_cosines(images: torch.Tensor, image_mask: torch.Tensor, words: torch.Tensor,
+                        block_elements: int = 1 << 19) -> torch.Tensor:
+    """(W, N): each word's highest cosine over each image's valid regions (the hard assignment).
+
+    Images are taken a block at a time, so each block of cosines is reduced while it is still in
+    cache (a fused matmul + max); masking is skipped when every region is valid. Computed in the
+    images' dtype (a bfloat16 gallery halves memory and is faster where the CPU has bf16 units).
+    """
+    N, K, D = images.shape
+    W = words.shape[0]
+    words = words.to(images.dtype)
+    masked = not bool(image_mask.all())
+    per_block = max(1, block_elements // max(1, W * K))
+    out = torch.empty(W, N, dtype=images.dtype)
+    for start in range(0, N, per_block):
+        stop = min(N, start + per_block)
+        sims = (words @ images[start:stop].reshape(-1, D).T).view(W, stop - start, K)
+        if masked:
+            sims = sims.masked_fill(~image_mask[start:stop].bool().view(1, stop - start, K), NEG)
+        torch.amax(sims, -1, out=out[:, start:stop])
+    return out
+
+
 def hard_scores(images, image_mask, captions, caption_mask, pooling: str = "mean", chunk: int = 128) -> torch.Tensor:
-    """CHAN hard-assignment scores (N, M); captions are processed `chunk` at a time to bound memory."""
+    """CHAN hard-assignment scores (N, M), float32; captions are processed `chunk` at a time to bound memory."""
 
     def score_chunk(caps, cmask):
-        best = _cosines(images, image_mask, caps).amax(-1)  # (m, L, N)
+        m, L, D = caps.shape
+        best = best_region_cosines(images, image_mask, caps.reshape(m * L, D)).float().view(m, L, -1)
         return pool_words(best.transpose(1, 2), cmask[:, None, :], pooling)  # (m, N)
 
     return _by_caption(captions, caption_mask, chunk, score_chunk)

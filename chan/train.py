@@ -38,6 +38,7 @@ class TrainConfig:
     bert_lr_scale: float = 0.1
     lr_step: int = 6
     margin: float = 0.2
+    warmup_epochs: int = 1  # epochs with the sum over all negatives before the hardest negative takes over
     embed_dim: int = 512
     finetune_layers: int = 2
     bert_model: str = DEFAULT_BERT  # package name, local model folder or hub id
@@ -148,7 +149,7 @@ def train(c: TrainConfig) -> dict:
             ids = _mask_tokens(ids, tmask, model.text_encoder.mask_id, c.token_mask)
             words = model.text_encoder(ids, tmask)
             scores = model.scores(regions, rmask, words, tmask)
-            loss = triplet_loss(scores, rows[:, None] == rows[None, :], c.margin, hardest=epoch > 0)
+            loss = triplet_loss(scores, rows[:, None] == rows[None, :], c.margin, hardest=epoch >= c.warmup_epochs)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], c.grad_clip)

@@ -92,3 +92,21 @@ def test_align_one_pair(pooling):
     assert abs(a.score - float(hard_scores(images, full[0], captions, full[1], pooling)[0, 0])) < 1e-5
     assert abs(a.soft_score - float(soft_scores(images, full[0], captions, full[1], pooling)[0, 0])) < 1e-5
     torch.testing.assert_close(torch.from_numpy(a.soft_attention).sum(1), torch.ones(len(words)))
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_blocked_hard_scores_match_across_block_boundaries_and_in_bf16(padded):
+    from chan.similarity import best_region_cosines
+
+    images, image_mask, captions, caption_mask = _random_batch(seed=3, N=11)
+    if not padded:
+        image_mask[:] = True
+        images = F.normalize(images, dim=-1)
+    words = captions[caption_mask]
+    whole = best_region_cosines(images, image_mask, words, block_elements=1 << 30)  # one block
+    for block in (1, 60, 200):  # one photo per block, then uneven blocks
+        torch.testing.assert_close(best_region_cosines(images, image_mask, words, block_elements=block), whole)
+    naive = _naive_hard(images, image_mask, captions, caption_mask, "mean")
+    torch.testing.assert_close(hard_scores(images, image_mask, captions, caption_mask), naive, atol=1e-5, rtol=1e-5)
+    bf16 = hard_scores(images.bfloat16(), image_mask, captions, caption_mask)
+    assert bf16.dtype == torch.float32 and (bf16 - naive).abs().max() < 2e-2
