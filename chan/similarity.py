@@ -81,14 +81,14 @@ def best_region_cosines(images: torch.Tensor, image_mask: torch.Tensor, words: t
     words = words.to(images.dtype)
     masked = not bool(image_mask.all())
     per_block = max(1, block_elements // max(1, W * K))
-    out = torch.empty(W, N, dtype=images.dtype)
+    blocks = []
     for start in range(0, N, per_block):
         stop = min(N, start + per_block)
         sims = (words @ images[start:stop].reshape(-1, D).T).view(W, stop - start, K)
         if masked:
             sims = sims.masked_fill(~image_mask[start:stop].bool().view(1, stop - start, K), NEG)
-        torch.amax(sims, -1, out=out[:, start:stop])
-    return out
+        blocks.append(sims.amax(-1))
+    return torch.cat(blocks, 1)
 
 
 def hard_scores(images, image_mask, captions, caption_mask, pooling: str = "mean", chunk: int = 128) -> torch.Tensor:
