@@ -33,8 +33,12 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def unit(*shape: int, dtype=torch.float32) -> torch.Tensor:
-    return F.normalize(torch.randn(*shape), dim=-1).to(dtype)
+def unit(n: int, *shape: int, dtype=torch.float32) -> torch.Tensor:
+    """n random unit vectors (or n stacks of them), made in slices so that 100k photos fit in memory once."""
+    out = torch.empty(n, *shape, dtype=dtype)
+    for s in range(0, n, 4096):
+        out[s : s + 4096] = F.normalize(torch.randn(min(4096, n - s), *shape), dim=-1)
+    return out
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:

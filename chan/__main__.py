@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import_official)
 
     p = sub.add_parser("table", help="evaluate several checkpoints and print a markdown accuracy table")
-    p.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint files, one table row each")
+    p.add_argument("checkpoints", nargs="+",
+                   help="checkpoint files, one table row each; A+B makes one row of their mean score (an ensemble)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: %(default)s)")
     p.add_argument("--split", default=None, help="default: test where the dataset has one, else every photo")
     p.set_defaults(func=_cmd_table)

@@ -93,6 +93,12 @@ def checkpoint_scores(checkpoint: Path, dataset: Dataset, similarity: str | None
     return split_scores(model, dataset, table_for(dataset, settings), progress=True)
 
 
+def ensemble_scores(checkpoints: list[Path], dataset: Dataset, similarity: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean score of several checkpoints (the authors' eval_ensemble), and each caption's photo index."""
+    runs = [checkpoint_scores(c, dataset, similarity) for c in checkpoints]
+    return sum(s for s, _ in runs) / len(runs), runs[0][1]
+
+
 def evaluate_command(checkpoints: list[Path] | None, data: Path, split: str | None, json_path: Path | None,
                      similarity: str | None = None) -> dict:
     """Evaluate a checkpoint (default: the app's), or the mean score of several (an ensemble).
@@ -102,11 +108,11 @@ def evaluate_command(checkpoints: list[Path] | None, data: Path, split: str | No
     from .checkpoint import DEFAULT_CHECKPOINT
 
     dataset, split = _open_split(data, split)
-    runs = [checkpoint_scores(c, dataset, similarity) for c in checkpoints or [DEFAULT_CHECKPOINT]]
-    scores, owner = sum(s for s, _ in runs) / len(runs), runs[0][1]
+    checkpoints = checkpoints or [DEFAULT_CHECKPOINT]
+    scores, owner = ensemble_scores(checkpoints, dataset, similarity)
     metrics = recall_metrics(scores, owner)
     print(f"{scores.shape[0]} photos, {scores.shape[1]} captions, split {split or '(all photos)'}"
-          + (f", mean score of {len(runs)} models" if len(runs) > 1 else ""))
+          + (f", mean score of {len(checkpoints)} models" if len(checkpoints) > 1 else ""))
     if scores.shape[0] == COCO_5K:
         fold = fold_metrics(scores, owner)
         print("5-fold 1K (mean of the folds): " + format_metrics(fold))
@@ -119,18 +125,23 @@ def evaluate_command(checkpoints: list[Path] | None, data: Path, split: str | No
     return metrics
 
 
-def table_command(checkpoints: list[Path], data: Path, split: str | None) -> str:
-    """A markdown accuracy table, one row per checkpoint (its file name and model description)."""
+def table_command(rows: list[str], data: Path, split: str | None) -> str:
+    """A markdown accuracy table, one row per checkpoint (its file name and model description).
+
+    A row written `a.safetensors+b.safetensors` scores the mean of those checkpoints (an ensemble).
+    """
     from .checkpoint import read_metadata
 
     dataset, split = _open_split(data, split)
     lines = ["| model | similarity | text | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for path in checkpoints:
-        config = read_metadata(path)["config"]
-        m = recall_metrics(*checkpoint_scores(path, dataset))
+    for row in rows:
+        paths = [Path(p) for p in row.split("+")]
+        configs = [read_metadata(p)["config"] for p in paths]
+        m = recall_metrics(*ensemble_scores(paths, dataset))
         cells = [m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
-        lines.append(f"| {Path(path).stem} | {config['similarity']} ({config['pooling']}) | {config['text_encoder']} | "
+        similarity = " + ".join(f"{c['similarity']} ({c['pooling']})" for c in configs)
+        lines.append(f"| {' + '.join(p.stem for p in paths)} | {similarity} | {' + '.join(c['text_encoder'] for c in configs)} | "
                      + " | ".join(f"{c:.1f}" for c in cells) + f" | {m['rsum']:.1f} |")
     table = "\n".join(lines)
     print(table)

@@ -5,7 +5,7 @@ import torch
 
 from chan.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from chan.data import open_dataset
-from chan.evaluate import evaluate, evaluate_command
+from chan.evaluate import evaluate, evaluate_command, table_command
 from chan.features import table_for
 from chan.model import CHAN, ModelConfig
 from chan.regions import RegionSettings
@@ -57,10 +57,24 @@ def test_save_then_load_gives_identical_scores(trained, small_flickr, tmp_path):
 def test_evaluate_command_writes_flat_json(trained, small_flickr, tmp_path, capsys):
     out, _ = trained
     path = tmp_path / "m.json"
-    evaluate_command(out, small_flickr, None, path)
+    evaluate_command([out], small_flickr, None, path)
     metrics = json.loads(path.read_text())
     assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_meanr"} <= set(metrics)
     assert "100 photos, 500 captions, split test" in capsys.readouterr().out
+
+
+def test_table_has_a_row_per_checkpoint_and_per_ensemble(trained, small_flickr, tmp_path):
+    out, _ = trained
+    model, settings, _ = load_checkpoint(out)
+    torch.manual_seed(1)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(CHAN(model.config), settings, other)  # untrained: the ensemble must differ from both
+    lines = table_command([str(out), str(other), f"{out}+{other}"], small_flickr, "test").splitlines()
+    assert len(lines) == 5 and lines[4].startswith("| chan + other | hard (mean) + hard (mean) | bert + bert |")
+    rsums = [float(line.rstrip(" |").rsplit("|", 1)[1]) for line in lines[2:]]
+    dataset = open_dataset(small_flickr)
+    assert rsums[0] == pytest.approx(evaluate(model, dataset.split("test"), table_for(dataset, settings))["rsum"], abs=0.05)
+    assert len(set(rsums)) == 3
 
 
 def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path, trained):
