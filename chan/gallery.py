@@ -97,6 +97,8 @@ class Gallery:
                 lengths, flat = torch.zeros(0, dtype=torch.long), torch.zeros(0, self.regions.shape[-1])
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"regions": self.regions.half(), "caption_lengths": lengths, "caption_words": flat.half()}, str(self.cache_path))
+        if self.model.config.similarity == "hard":  # the hard scorer runs in the gallery's dtype: half the memory
+            self.regions = self.regions.bfloat16()
         L = int(lengths.max()) if len(lengths) else 1
         self.caption_mask = torch.arange(L)[None] < lengths[:, None]
         self.caption_words = torch.zeros(len(lengths), L, flat.shape[-1])

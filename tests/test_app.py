@@ -3,12 +3,14 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app import figures
 from app.handlers import Handlers
 from chan.checkpoint import DEFAULT_CHECKPOINT
 from chan.data import open_dataset
+from chan.evaluate import encode_images
 from chan.gallery import Gallery
 
 
@@ -41,6 +43,17 @@ def test_search_finds_a_photo_by_its_own_caption(gallery):
     hits = [gallery.search_images(c.text, 10)[0] for c in gallery.dataset.captions[:50:5]]
     found = sum(c.photo_id in [h.photo_id for h in hit] for c, hit in zip(gallery.dataset.captions[:50:5], hits))
     assert found >= 5  # R@10 of at least 50% on a 100-photo gallery; chance is 10%
+
+
+def test_search_scores_from_the_bf16_gallery_match_fp32(gallery):
+    assert gallery.regions.dtype == torch.bfloat16
+    hits, _, _ = gallery.search_images("a dog runs on the grass", 5)
+    emb, mask, _ = gallery.model.encode_texts(["a dog runs on the grass"])
+    fp32 = encode_images(gallery.model, gallery.table, [p.id for p in gallery.photos]).embeddings
+    exact = gallery.model.scores(fp32, gallery.region_mask, emb, mask)[:, 0]
+    for hit in hits:
+        assert hit.score == pytest.approx(float(exact[gallery.photo_index[hit.photo_id]]), abs=0.01)
+    assert hits[0].score >= float(exact.max()) - 0.01
 
 
 @pytest.mark.parametrize("query,message", [("", "Type a caption"), ("   \n ", "Type a caption"),
