@@ -176,7 +176,7 @@ def bench_evaluation(data: Path) -> dict:
            "metrics_s": done - scored, "rsum": metrics["rsum"], "rsum_bf16_gallery": bf16["rsum"]}
     table("5. Full Flickr8k 1K test evaluation (5,000 captions x 1,000 photos, cached regions); goal <= 60 s",
           ["total s", "load s", "encode s", "score s", "R@K s", "RSUM fp32", "RSUM bf16 gallery"],
-          [[out["seconds"], out["load_s"], out["encode_s"], out["score_s"], out["metrics_s"], out["rsum"], out["rsum_bf16_gallery"]]])
+          [[out["seconds"], out["load_s"], out["encode_s"], out["score_s"], out["metrics_s"], f"{out['rsum']:.2f}", f"{out['rsum_bf16_gallery']:.2f}"]])
     return out
 
 
