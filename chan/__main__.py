@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs summing the loss over all negatives before only the hardest counts (default: %(default)s)")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="joint space D (default: %(default)s)")
     p.add_argument("--finetune-layers", type=int, default=d.finetune_layers,
-                   help="top BERT layers trained (default: %(default)s)")
+                   help="top BERT layers trained; -1 trains all of them (default: %(default)s)")
     p.add_argument("--bert-model", default=d.bert_model,
                    help="BERT-style text model: the bundled package name, a local folder, or a hub id (default: %(default)s)")
     p.add_argument("--self-attention", action=argparse.BooleanOptionalAction, default=None,
