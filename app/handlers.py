@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
+from gradio.utils import get_upload_folder
 from PIL import Image
 
 from chan.gallery import Gallery, PairAlignment, QueryError
@@ -38,9 +41,40 @@ def friendly(n_outputs: int):
     return wrap
 
 
-def _path(image: str | dict | None) -> str | None:
-    """A file path from an Image input, processed (a str) or raw (gradio's FileData dict)."""
-    return image.get("path") if isinstance(image, dict) else image
+# Bounds on one request's work; the README lists them.
+MAX_PHOTOS_SHOWN = 48
+MAX_OWN_CAPTIONS = 50
+MAX_OWN_CAPTION_CHARS = 300
+NOT_AN_UPLOAD = "Use a photo uploaded through this page, or pick a gallery photo."
+
+
+def top_k(k) -> int:
+    """The number of photos to show, from a client: a whole number from 1 to MAX_PHOTOS_SHOWN."""
+    if k is None or k == "":
+        return 12
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k != int(k) \
+            or not 1 <= k <= MAX_PHOTOS_SHOWN:
+        raise QueryError(f"The number of photos must be a whole number from 1 to {MAX_PHOTOS_SHOWN}.")
+    return int(k)
+
+
+def photo_id_text(photo_id) -> str | None:
+    if photo_id in (None, ""):
+        return None
+    if not isinstance(photo_id, str):
+        raise QueryError("A gallery photo id is the photo's file name, as text.")
+    return photo_id
+
+
+def own_caption_lines(text) -> list[str]:
+    if not isinstance(text, (str, type(None))):
+        raise QueryError("Your captions must be text, one a line.")
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if len(lines) > MAX_OWN_CAPTIONS:
+        raise QueryError(f"That is {len(lines)} captions; rank at most {MAX_OWN_CAPTIONS} at a time.")
+    if any(len(line) > MAX_OWN_CAPTION_CHARS for line in lines):
+        raise QueryError(f"Keep each of your captions under {MAX_OWN_CAPTION_CHARS} characters.")
+    return lines
 
 
 @dataclass
@@ -52,13 +86,33 @@ class Inspection:
 
 
 class Handlers:
-    def __init__(self, gallery: Gallery):
+    def __init__(self, gallery: Gallery, upload_folder: str | Path | None = None):
         self.gallery = gallery
+        self.upload_folder = Path(upload_folder or get_upload_folder()).resolve()
+        self.gallery_files = {str(p.path.resolve()) for p in gallery.photos if p.path}
+
+    def upload_path(self, image: str | dict | None) -> str | None:
+        """The file behind an Image input, only if gradio received it as an upload or it is a gallery photo.
+
+        Raw (preprocess=False) inputs carry any path a client writes, so every other path is refused,
+        with one message whether or not it exists.
+        """
+        path = image.get("path") if isinstance(image, dict) else image
+        if path in (None, ""):
+            return None
+        try:
+            resolved = Path(path).resolve()
+            allowed = str(resolved) in self.gallery_files or (resolved.is_relative_to(self.upload_folder) and resolved.is_file())
+        except (TypeError, ValueError, OSError, RuntimeError):
+            allowed = False
+        if not allowed:
+            raise QueryError(NOT_AN_UPLOAD)
+        return str(resolved)
 
     @friendly(3)
     def search_images(self, query: str, k: float = 12):
         """Caption -> the top-k gallery photos with rank and score."""
-        hits, notes, ms = self.gallery.search_images(query, int(k or 12))
+        hits, notes, ms = self.gallery.search_images(query, top_k(k))
         items = [(h.path or figures.placeholder(h.photo_id, h.caption), f"#{h.rank} · {h.score:.3f} · {h.caption}") for h in hits]
         status = f"Top {len(hits)} of {len(self.gallery.photos)} photos in {ms:.0f} ms."
         return items, [h.photo_id for h in hits], "  \n".join([status] + [f"⚠️ {n}" for n in notes])
@@ -66,9 +120,9 @@ class Handlers:
     @friendly(3)
     def rank_captions(self, image_path: str | dict | None, own_captions: str = "", photo_id: str = ""):
         """Photo -> gallery captions and your own, ranked; the photo with its regions drawn."""
-        image_path = _path(image_path)
-        regions = self.gallery.photo_regions(image_path, photo_id or None)
-        own = [line for line in (own_captions or "").splitlines() if line.strip()]
+        image_path, photo_id = self.upload_path(image_path), photo_id_text(photo_id)
+        own = own_caption_lines(own_captions)
+        regions = self.gallery.photo_regions(image_path, photo_id)
         ranked = self.gallery.rank_captions(regions, own, photo_id or None)
         rows = [[r.rank, round(r.score, 4), ("★ " if r.matches_photo else "") + r.text,
                  "your caption" if r.source == "yours" else r.source] for r in ranked]
@@ -96,8 +150,8 @@ class Handlers:
     @friendly(7)
     def align(self, image_path: str | dict | None, caption: str, photo_id: str = ""):
         """Pair -> hard-alignment heatmap, soft-attention heatmap, contributions, boxes, word choices."""
-        image_path = _path(image_path)
-        regions = self.gallery.photo_regions(image_path, photo_id or None)
+        image_path, photo_id = self.upload_path(image_path), photo_id_text(photo_id)
+        regions = self.gallery.photo_regions(image_path, photo_id)
         pair = self.gallery.align(regions, caption)
         a = pair.alignment
         state = Inspection(pair, self._photo(image_path, photo_id))

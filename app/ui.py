@@ -24,10 +24,16 @@ region; every other word-region alignment is eliminated. Search the gallery by c
 a photo, and inspect the alignment of any pair."""
 
 
+MAX_UPLOAD = "10mb"
+UPLOADS_KEPT_S = 900  # uploads and drawn images are deleted this long after they were written
+SESSION_STATE_S = 1800  # an inspector's per-session state expires this long after its last use
+
+
 def launch(demo: gr.Blocks, gallery: Gallery, **kwargs) -> None:
-    """Serve the demo locally: no share link, system fonts, only the gallery's photo folders readable."""
-    folders = sorted({str(p.path.resolve().parent) for p in gallery.photos if p.path})
-    demo.launch(share=False, theme=THEME, show_error=False, allowed_paths=folders, **kwargs)
+    """Serve the demo locally: no share link, system fonts; the file route serves the gallery's own photos only."""
+    files = sorted({str(p.path.resolve()) for p in gallery.photos if p.path})
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(share=False, theme=THEME, show_error=False, allowed_paths=files, max_file_size=MAX_UPLOAD, **kwargs)
 
 
 def example_queries() -> list[str]:
@@ -37,10 +43,10 @@ def example_queries() -> list[str]:
 def build_demo(gallery: Gallery) -> gr.Blocks:
     h = Handlers(gallery)
     photo_choices = [p.id for p in gallery.photos]
-    with gr.Blocks(title="CHAN demo", analytics_enabled=False) as demo:
+    with gr.Blocks(title="CHAN demo", analytics_enabled=False, delete_cache=(UPLOADS_KEPT_S // 3, UPLOADS_KEPT_S)) as demo:
         gr.Markdown(INTRO)
         gr.Markdown(f"Gallery: {gallery.describe()}")
-        hit_ids = gr.State([])
+        hit_ids = gr.State([], time_to_live=SESSION_STATE_S)
         with gr.Tabs() as tabs:
             with gr.Tab("Caption → images", id="search"):
                 with gr.Row():
@@ -79,12 +85,16 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
                     hard_plot = gr.Plot(label="Hard alignment", elem_id="hard-plot")
                     soft_plot = gr.Plot(label="Soft attention", elem_id="soft-plot")
                 contrib_plot = gr.Plot(label="Contributions")
-                inspection = gr.State(None)
+                inspection = gr.State(None, time_to_live=SESSION_STATE_S)
 
         search_inputs = [query, top_k]
         search_outputs = [results, hit_ids, search_status]
-        search_button.click(h.search_images, search_inputs, search_outputs, api_name="search_images", js=KEEP_QUERY_IN_URL)
-        query.submit(h.search_images, search_inputs, search_outputs, api_visibility="private", js=KEEP_QUERY_IN_URL)
+        # Searches are cheap and read-only: several at once. Photo work (regions, alignment) has its own queue.
+        search = {"concurrency_id": "search", "concurrency_limit": 4}
+        photo_work = {"concurrency_id": "photos", "concurrency_limit": 1}
+        search_button.click(h.search_images, search_inputs, search_outputs, api_name="search_images", js=KEEP_QUERY_IN_URL,
+                            **search)
+        query.submit(h.search_images, search_inputs, search_outputs, api_visibility="private", js=KEEP_QUERY_IN_URL, **search)
 
         def open_hit(ids: list[str], caption: str, evt: gr.SelectData):
             photo_id = ids[evt.index]
@@ -101,10 +111,13 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
 
         results.select(open_hit, [hit_ids, query], [inspect_image, inspect_photo_id, inspect_caption, tabs],
                        api_visibility="private").then(align_and_list_words, align_inputs, align_outputs,
-                                                      api_visibility="private", preprocess=False)
-        # preprocess=False: the handlers open uploads themselves, so a bad file gets our message, not gradio's error
-        inspect_button.click(align_and_list_words, align_inputs, align_outputs, api_visibility="private", preprocess=False)
-        inspect_caption.submit(align_and_list_words, align_inputs, align_outputs, api_visibility="private", preprocess=False)
+                                                      api_visibility="private", preprocess=False, **photo_work)
+        # preprocess=False: the handlers open uploads themselves (only gradio's uploads and gallery photos), so a
+        # bad file gets our message, not gradio's error
+        inspect_button.click(align_and_list_words, align_inputs, align_outputs, api_visibility="private", preprocess=False,
+                             **photo_work)
+        inspect_caption.submit(align_and_list_words, align_inputs, align_outputs, api_visibility="private",
+                               preprocess=False, **photo_work)
         # the API: figures, the caption's tokens and the status message (no per-session state)
         align_words = gr.JSON(visible=False)
 
@@ -114,7 +127,7 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
 
         gr.Button(visible=False).click(api_align, align_inputs,
                                        [hard_plot, soft_plot, contrib_plot, aligned_image, align_words, inspect_status],
-                                       api_name="align", preprocess=False)
+                                       api_name="align", preprocess=False, **photo_work)
         word.change(h.draw_alignment, [inspection, word], aligned_image, api_visibility="private")
         inspect_image.upload(lambda: "", None, inspect_photo_id, api_visibility="private")
 
@@ -126,7 +139,7 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
         pick.change(pick_photo, pick, [upload, rank_photo_id], api_visibility="private")
         upload.upload(lambda: "", None, rank_photo_id, api_visibility="private")
         rank_button.click(h.rank_captions, [upload, own, rank_photo_id], [ranked, regions_image, rank_status],
-                          api_name="rank_captions", preprocess=False)
+                          api_name="rank_captions", preprocess=False, **photo_work)
 
         def from_address(request: gr.Request):
             q = (request.query_params.get("q") if request else None) or ""

@@ -18,10 +18,11 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_extract(args: argparse.Namespace) -> None:
     from .data import open_dataset
     from .features import extract
-    from .regions import RegionSettings
+    from .regions import LEGACY, RegionSettings
 
     dataset = open_dataset(args.data).split(args.split)
-    settings = RegionSettings(num_regions=args.regions, backbone=args.backbone, image_size=args.image_size)
+    legacy = LEGACY if args.proposals == "legacy" else {}
+    settings = RegionSettings(**{**legacy, "num_regions": args.regions, "backbone": args.backbone, "image_size": args.image_size})
     table = extract(dataset, args.out, settings, batch_size=args.batch_size)
     print(f"{args.out}: {len(table.photo_ids)} photos x {table.features.shape[1]} regions x {table.features.shape[2]} dims")
 
@@ -37,6 +38,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_command
 
     evaluate_command(args.checkpoint, args.data, args.split, args.json, args.similarity)
+
+
+def _cmd_alignments(args: argparse.Namespace) -> None:
+    from .locality import alignments_command
+
+    alignments_command(args.checkpoint, args.data, args.split, args.json)
 
 
 def _cmd_table(args: argparse.Namespace) -> None:
@@ -70,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="only this split (default: every photo)")
     p.add_argument("--out", type=Path, required=True, help="the .safetensors feature file to write or complete")
     p.add_argument("--regions", type=int, default=36, help="regions per photo (default: %(default)s)")
+    p.add_argument("--proposals", choices=["objectness", "legacy"], default="objectness",
+                   help="objectness: detector boxes at several sizes ranked by objectness, no whole-photo region; "
+                        "legacy: the whole photo, up to 20 confident detections and grid cells (default: %(default)s)")
     p.add_argument("--backbone", default="efficientnet-lite0", choices=["efficientnet-lite0", "efficientnet-lite2"])
     p.add_argument("--image-size", type=int, default=320, help="backbone input side in pixels (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="photos per batch (default: %(default)s)")
@@ -97,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BERT-style text model: the bundled package name, a local folder, or a hub id (default: %(default)s)")
     p.add_argument("--self-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="region self-attention block (default: on for bigru, off for bert)")
+    p.add_argument("--regions", choices=["proposals", "legacy"], default=d.regions,
+                   help="proposals: objectness-ranked detector boxes, no whole-photo region; legacy: the whole photo, "
+                        "up to 20 confident detections and grid cells (default: %(default)s)")
+    p.add_argument("--tune-backbone", action=argparse.BooleanOptionalAction, default=d.tune_backbone,
+                   help="tune the backbone's last blocks and head on cached trunk maps (default: %(default)s)")
+    p.add_argument("--pooled-tokens", choices=["content", "all"], default=d.pooled_tokens,
+                   help="content: special tokens and punctuation never align or pool; all: every token (default: %(default)s)")
     p.add_argument("--max-photos", type=int, default=None, help="use only the first N train photos (quick runs)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=_cmd_train)
@@ -113,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--similarity", choices=["hard", "soft", "global"], default=None,
                    help="score with this similarity instead of the one the model was trained with")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("alignments", help="where words hard-align: whole photo, detections or grid cells, over a split",
+                       description="Pair every caption of the split with its own photo, and report where its words "
+                                   "hard-align: the share of content words (and of stopwords) on the whole photo, on "
+                                   "detector boxes and on grid cells, distinct regions per caption, the chosen box's "
+                                   "area, and the split's RSUM. Special tokens and punctuation are left out.")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the checkpoint the app loads")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: %(default)s)")
+    p.add_argument("--split", default=None, help="default: test where the dataset has one, else every photo")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures as flat JSON")
+    p.set_defaults(func=_cmd_alignments)
 
     p = sub.add_parser("import-official", help="convert an authors' released CHAN checkpoint (.pth.tar) into this project's format",
                        description="Convert a checkpoint released with the CHAN paper (precomputed bottom-up-attention "

@@ -101,6 +101,7 @@ class Darknet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) in [0, 1] -> detections (B, N, 4 + 1 + classes): xyxy in input pixels, obj, cls."""
         outputs, detections = [], []
+        input_size = x.shape[-1]  # any multiple of 32: the network is fully convolutional
         for i, (b, layer) in enumerate(zip(self.blocks, self.layers)):
             kind = b["type"]
             if kind == "convolutional":
@@ -115,14 +116,14 @@ class Darknet(nn.Module):
             elif kind == "route":
                 x = torch.cat([outputs[j] for j in b["_from"]], 1)  # type: ignore[union-attr]
             elif kind == "yolo":
-                detections.append(self._decode(x, getattr(self, f"anchors_{i}")))
+                detections.append(self._decode(x, getattr(self, f"anchors_{i}"), input_size))
             outputs.append(x)
         return torch.cat(detections, 1)
 
-    def _decode(self, x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor, anchors: torch.Tensor, input_size: int) -> torch.Tensor:
         B, _, H, W = x.shape
         A = anchors.shape[0]
-        stride = self.input_size / H
+        stride = input_size / H
         p = x.view(B, A, -1, H, W).permute(0, 1, 3, 4, 2)  # B A H W (5 + C)
         gy, gx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
         cx = (p[..., 0].sigmoid() + gx) * stride
@@ -161,4 +162,21 @@ class YoloV3Tiny(nn.Module):
             boxes, score, cls = det[keep, :4].clamp(0, size), score[keep], cls[keep]
             keep = batched_nms(boxes, score, torch.zeros_like(cls), self.iou)[:max_det]
             out.append((boxes[keep], score[keep], cls[keep]))
+        return out
+
+    @torch.no_grad()
+    def proposals(self, images: torch.Tensor, min_objectness: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every box with objectness above `min_objectness`, before NMS, whatever its class.
+
+        Images (B, 3, S, S) in [0, 1] -> per image (boxes as fractions of the photo, objectness,
+        class ids, class probabilities). Ranking by objectness rather than by class confidence
+        keeps objects and stuff that fit no COCO class, as bottom-up-attention proposals do.
+        """
+        size = images.shape[-1]
+        out = []
+        for det in self.net(images):
+            keep = det[:, 4] > min_objectness
+            det = det[keep]
+            cls_prob, cls = det[:, 5:].max(1)
+            out.append((det[:, :4].clamp(0, size) / size, det[:, 4], cls, cls_prob))
         return out

@@ -32,7 +32,10 @@ class EncodedCaptions:
 @torch.no_grad()
 def encode_images(model: CHAN, table: RegionTable, ids: list[str], batch: int = 256) -> EncodedImages:
     rows = table.rows(ids)
-    out = [model.encode_images(table.features[rows[s : s + batch]])[0] for s in range(0, len(rows), batch)]
+    out = []
+    for s in range(0, len(rows), batch):
+        part = rows[s : s + batch]
+        out.append(model.encode_images(table.features[part], maps=None if table.maps is None else table.maps[part])[0])
     emb = torch.cat(out)
     return EncodedImages(emb, torch.ones(emb.shape[:2], dtype=torch.bool))
 
@@ -78,7 +81,7 @@ def evaluate(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool =
     return recall_metrics(*split_scores(model, dataset, table, progress))
 
 
-def _open_split(data: Path, split: str | None) -> tuple[Dataset, str | None]:
+def open_split(data: Path, split: str | None) -> tuple[Dataset, str | None]:
     dataset = open_dataset(data)
     split = split or dataset.default_split()
     return dataset.split(split), split
@@ -107,7 +110,7 @@ def evaluate_command(checkpoints: list[Path] | None, data: Path, split: str | No
     """
     from .checkpoint import DEFAULT_CHECKPOINT
 
-    dataset, split = _open_split(data, split)
+    dataset, split = open_split(data, split)
     checkpoints = checkpoints or [DEFAULT_CHECKPOINT]
     scores, owner = ensemble_scores(checkpoints, dataset, similarity)
     metrics = recall_metrics(scores, owner)
@@ -132,7 +135,7 @@ def table_command(rows: list[str], data: Path, split: str | None) -> str:
     """
     from .checkpoint import read_metadata
 
-    dataset, split = _open_split(data, split)
+    dataset, split = open_split(data, split)
     lines = ["| model | similarity | text | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:

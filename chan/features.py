@@ -1,7 +1,7 @@
 """A compact, resumable on-disk cache of region features for a whole dataset.
 
-One safetensors file: features fp16 (N, K, F), boxes, scores, label ids, detector flags; the
-metadata holds the photo ids and the extractor settings. A file made with other settings is
+One safetensors file: features fp16 (N, K, F), boxes, scores, label ids, detector flags, and
+(when the settings keep it) the backbone trunk's output map per photo (N, C, h, w); the metadata holds the photo ids and the extractor settings. A file made with other settings is
 refused, never silently reused. Extraction writes shards beside the file as it goes, so an
 interrupted run resumes where it stopped.
 """
@@ -46,6 +46,7 @@ class RegionTable:
     detected: torch.Tensor  # (N, K) bool
     label_names: list[str]
     settings_key: str
+    maps: torch.Tensor | None = None  # (N, C, h, w) fp16 trunk output, for models that tune the backbone's tail
 
     def __post_init__(self) -> None:
         self.index = {pid: i for i, pid in enumerate(self.photo_ids)}
@@ -61,6 +62,7 @@ class RegionTable:
             labels=[self.label_names[j] for j in self.label_ids[i].tolist()],
             scores=self.scores[i].float().numpy(),
             detected=self.detected[i].numpy(),
+            stage_map=None if self.maps is None else self.maps[i].numpy(),
         )
 
 
@@ -79,6 +81,8 @@ def _pack(ids: list[str], regions: list[Regions], extractor: RegionExtractor) ->
         "label_ids": torch.tensor([[index[l] for l in r.labels] for r in regions], dtype=torch.int16),
         "detected": torch.from_numpy(np.stack([r.detected for r in regions])).to(torch.uint8),
     }
+    if regions[0].stage_map is not None:
+        tensors["maps"] = torch.from_numpy(np.stack([r.stage_map for r in regions])).half()
     meta = {"format": FORMAT, "settings": extractor.settings.key(), "photo_ids": json.dumps(ids),
             "label_names": json.dumps(extractor.label_names)}
     return tensors, meta
@@ -107,7 +111,7 @@ def load_table(path: Path, settings: RegionSettings | None = None) -> RegionTabl
     return RegionTable(
         photo_ids=json.loads(meta["photo_ids"]), features=tensors["features"], boxes=tensors["boxes"],
         scores=tensors["scores"], label_ids=tensors["label_ids"], detected=tensors["detected"].bool(),
-        label_names=json.loads(meta["label_names"]), settings_key=meta["settings"],
+        label_names=json.loads(meta["label_names"]), settings_key=meta["settings"], maps=tensors.get("maps"),
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .data import Dataset, open_dataset
 from .evaluate import encode_captions, encode_images
 from .features import CACHE_DIR, table_for
 from .photos import load_photo
-from .regions import PrecomputedSettings, RegionExtractor, Regions
+from .regions import PrecomputedSettings, RegionExtractor, Regions, region_names
 from .similarity import Alignment, align
 
 MAX_QUERY_CHARS = 2000
@@ -27,6 +28,21 @@ MAX_QUERY_CHARS = 2000
 
 class QueryError(ValueError):
     """Input the gallery cannot score; the message is shown to the user as is."""
+
+
+def clean_text(text) -> str:
+    """A client's caption as plain text: invisible format characters dropped, spaces collapsed; refused if empty."""
+    if not isinstance(text, (str, type(None))):
+        raise QueryError("A caption must be text.")
+    text = text or ""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise QueryError("That text holds characters that are not valid Unicode (a lone surrogate); retype it.") from None
+    text = " ".join("".join(ch for ch in text if unicodedata.category(ch) != "Cf").split())
+    if not text:
+        raise QueryError("Type a caption, e.g. “a dog runs on the beach”.")
+    return text
 
 
 @dataclass
@@ -117,13 +133,13 @@ class Gallery:
         return self._extractor
 
     def _encode_query(self, text: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        text = " ".join((text or "").split())
-        if not text:
-            raise QueryError("Type a caption to search for, e.g. “a dog runs on the beach”.")
+        text = clean_text(text)
         if len(text) > MAX_QUERY_CHARS:
             raise QueryError(f"That query is {len(text)} characters long; keep it under {MAX_QUERY_CHARS}.")
         with torch.no_grad():
             emb, mask, words = self.model.encode_texts([text])
+        if not words[0]:
+            raise QueryError("The model reads no words in that text (only punctuation or symbols); type a caption.")
         return emb, mask, words[0]
 
     def query_notes(self, words: list[str]) -> list[str]:
@@ -157,6 +173,8 @@ class Gallery:
         if photo_id and photo_id in self.table.index:
             return self.table.regions(photo_id)
         if photo is None:
+            if photo_id:
+                raise QueryError(f"No gallery photo has the id {photo_id[:100]!r}.")
             raise QueryError("Upload a photo or pick one from the gallery first.")
         if self.precomputed:
             raise QueryError("This model reads precomputed region features (the authors' bottom-up-attention files), "
@@ -165,20 +183,22 @@ class Gallery:
 
     def _region_embeddings(self, regions: Regions) -> torch.Tensor:
         with torch.no_grad():
-            return self.model.encode_images(torch.from_numpy(regions.features)[None])[0][0]
+            maps = None if regions.stage_map is None else torch.from_numpy(regions.stage_map)[None]
+            return self.model.encode_images(torch.from_numpy(regions.features)[None], maps=maps)[0][0]
 
     def rank_captions(self, regions: Regions, own: list[str] | None = None, photo_id: str | None = None,
                       limit: int = 20) -> list[RankedCaption]:
         """Gallery captions and your own, ranked for one photo's regions."""
-        own = [" ".join(t.split()) for t in (own or []) if t.strip()]
+        own = [clean_text(t) for t in (own or []) if t.strip()]
         image = self._region_embeddings(regions)[None]
         image_mask = torch.ones(image.shape[:2], dtype=torch.bool)
         with torch.no_grad():
             gallery_scores = self.model.scores(image, image_mask, self.caption_words, self.caption_mask)[0] if self.caption_texts else torch.zeros(0)
-            own_scores = torch.zeros(0)
-            if own:
-                emb, mask, _ = self.model.encode_texts(own)
-                own_scores = self.model.scores(image, image_mask, emb, mask)[0]
+            own_scores = [torch.zeros(0)]
+            for s in range(0, len(own), 32):  # bounded batches, whatever the count
+                emb, mask, _ = self.model.encode_texts(own[s : s + 32])
+                own_scores.append(self.model.scores(image, image_mask, emb, mask)[0])
+            own_scores = torch.cat(own_scores)
         target = self.photo_index.get(photo_id or "", -1)
         entries = [(float(s), own[i], "yours", False) for i, s in enumerate(own_scores.tolist())]
         top = gallery_scores.topk(min(limit, len(gallery_scores)))
@@ -193,7 +213,7 @@ class Gallery:
         emb, mask, words = self._encode_query(caption)
         with torch.no_grad():
             a = align(self._region_embeddings(regions), emb[0][mask[0]], self.model.config.pooling)
-        return PairAlignment(words, regions.labels, regions.boxes, a)
+        return PairAlignment(words, region_names(regions), regions.boxes, a)
 
     def describe(self) -> str:
         info = self.info or {}

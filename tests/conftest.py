@@ -48,3 +48,13 @@ def extractor():
 def small_flickr(tmp_path_factory, flickr8k) -> Path:
     """200 train, 100 dev and 100 test photos of the real Flickr8k, with their own feature cache."""
     return make_flickr_subset(tmp_path_factory.mktemp("flickr-small"), flickr8k, 200, 100, 100)
+
+
+@pytest.fixture(scope="session")
+def gallery(small_flickr):
+    """The default checkpoint over the 100 test photos of `small_flickr`."""
+    from chan.checkpoint import DEFAULT_CHECKPOINT
+    from chan.data import open_dataset
+    from chan.gallery import Gallery
+
+    return Gallery(DEFAULT_CHECKPOINT, open_dataset(small_flickr).split("test"), progress=False)

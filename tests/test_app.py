@@ -9,19 +9,13 @@ from PIL import Image
 from app import figures
 from app.handlers import Handlers
 from chan.checkpoint import DEFAULT_CHECKPOINT
-from chan.data import open_dataset
 from chan.evaluate import encode_images
-from chan.gallery import Gallery
 
 
 @pytest.fixture(scope="module")
-def gallery(small_flickr):
-    return Gallery(DEFAULT_CHECKPOINT, open_dataset(small_flickr).split("test"), progress=False)
-
-
-@pytest.fixture(scope="module")
-def handlers(gallery):
-    return Handlers(gallery)
+def handlers(gallery, tmp_path_factory):
+    # test files stand in for uploads: they live under pytest's temporary folder
+    return Handlers(gallery, upload_folder=tmp_path_factory.getbasetemp())
 
 
 def _file(tmp_path, name, image, fmt="PNG"):

@@ -1,12 +1,17 @@
 import io
 
+import json
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
+from chan.backbone import pool_regions
 from chan.data import open_dataset
 from chan.photos import PhotoError, load_photo
-from chan.regions import RegionSettings, grid_boxes
+from chan.regions import LEGACY_SETTINGS, RegionExtractor, RegionSettings, grid_boxes, settings_from_key
 
 
 def _photos_where(ds, words, n):
@@ -33,11 +38,53 @@ def test_regions_on_real_photos(extractor, test_split):
         assert np.all(r.boxes[:, 0] >= 0) and np.all(r.boxes[:, 1] >= 0)
         assert np.all(r.boxes[:, 2] <= W + 1e-3) and np.all(r.boxes[:, 3] <= H + 1e-3)
         assert np.all(r.boxes[:, 2] > r.boxes[:, 0]) and np.all(r.boxes[:, 3] > r.boxes[:, 1])
-        assert np.allclose(r.boxes[0], [0, 0, W, H])
-        assert np.isfinite(r.features).all()
+        assert np.isfinite(r.features).all() and r.stage_map.shape == (192, 10, 10)
         np.testing.assert_array_equal(r.features, r2.features)
         np.testing.assert_array_equal(r.boxes, r2.boxes)
         assert r.labels == r2.labels
+
+
+def test_proposals_are_distinct_large_enough_and_many(extractor, test_split):
+    s = RegionSettings()
+    photos = [load_photo(p.path) for p in test_split.photos[:8]]
+    counts = []
+    for photo, r in zip(photos, extractor(photos)):
+        W, H = photo.size
+        det = torch.from_numpy(r.boxes[r.detected])
+        counts.append(len(det))
+        iou = box_iou(det, det) - torch.eye(len(det))
+        assert float(iou.max()) <= s.detector_iou + 1e-5
+        areas = (det[:, 2] - det[:, 0]) * (det[:, 3] - det[:, 1]) / (W * H)
+        assert float(areas.min()) >= s.min_box_area - 1e-5
+        assert r.detected[: len(det)].all(), "proposals come first, grid cells only fill what is left"
+    assert np.median(counts) >= 24, counts
+
+
+def test_legacy_regions_put_the_whole_photo_first(test_split):
+    photos = [load_photo(p.path) for p in test_split.photos[:2]]
+    for photo, r in zip(photos, RegionExtractor(LEGACY_SETTINGS)(photos)):
+        W, H = photo.size
+        assert np.allclose(r.boxes[0], [0, 0, W, H]) and not r.detected[0]
+        assert r.detected.sum() <= 20 and r.stage_map is None
+
+
+def test_settings_keys_written_before_the_proposals_read_as_legacy():
+    old = {"num_regions": 36, "backbone": "efficientnet-lite0", "image_size": 320, "roi_size": 2,
+           "max_detections": 20, "detector_conf": 0.2, "detector_iou": 0.45}
+    assert settings_from_key(json.dumps(old)) == LEGACY_SETTINGS
+    assert settings_from_key(RegionSettings().key()) == RegionSettings()
+    assert settings_from_key(LEGACY_SETTINGS.key()) == LEGACY_SETTINGS
+
+
+def test_pool_regions_maps_photo_fractions_onto_the_map():
+    # a 10x8 map whose value is the column index in channel 0 and the row index in channel 1
+    fmap = torch.stack([torch.arange(10.0).expand(8, 10), torch.arange(8.0)[:, None].expand(8, 10)])[None]
+    box = torch.tensor([[[0.2, 0.25, 0.6, 0.75]]])  # columns 2..6, rows 2..6 of the map, in map coordinates
+    pooled = pool_regions(fmap, box)[0, 0]
+    # aligned RoIAlign samples symmetrically inside the box; cell i is centred on i + 0.5, so the mean is centre - 0.5
+    assert pooled.tolist() == pytest.approx([3.5, 3.5], abs=1e-5)
+    wrong_scale = pool_regions(fmap, box * 0.5)[0, 0]
+    assert abs(float(wrong_scale[0]) - 3.5) > 1
 
 
 @pytest.mark.parametrize("words,label", [(("dog", "dogs"), "dog"), (("man", "men", "woman", "person", "people"), "person")])
@@ -110,3 +157,16 @@ def test_decompression_bomb_is_refused(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 2 - 1)
     with pytest.raises(PhotoError, match="too large"):
         load_photo(data)
+
+
+def test_region_names_say_what_and_where(test_split):
+    photos = [load_photo(p.path) for p in test_split.photos[:2]]
+    r = RegionExtractor(LEGACY_SETTINGS)(photos)[0]
+    from chan.regions import region_names
+
+    names = region_names(r)
+    assert names[0] == "whole photo"
+    n_det = int(r.detected.sum())
+    assert all(name.endswith("%") for name in names[1 : 1 + n_det])
+    assert names[1 + n_det : 1 + n_det + 4] == ["2x2 grid, top left", "2x2 grid, top right", "2x2 grid, bottom left",
+                                               "2x2 grid, bottom right"]

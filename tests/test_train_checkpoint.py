@@ -10,6 +10,7 @@ from chan.features import table_for
 from chan.model import CHAN, ModelConfig
 from chan.regions import RegionSettings
 from chan.train import TrainConfig, train
+from tests.conftest import make_flickr_subset
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +32,28 @@ def test_training_raises_dev_rsum(trained, small_flickr):
     assert len(json.loads(out.with_suffix(".history.json").read_text())) == 3
 
 
-def test_training_resumes_from_its_last_epoch(trained, small_flickr, caplog):
-    out, result = trained
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, flickr8k, caplog):
+    """One epoch, stop, resume for the second: the same epoch-2 weights and metrics as two epochs in one go."""
+    data = make_flickr_subset(tmp_path / "data", flickr8k, 40, 20)
+    config = dict(data=data, batch_size=32, lr_step=10, seed=3)
+    whole = train(TrainConfig(out=tmp_path / "whole.safetensors", epochs=2, **config))
+    train(TrainConfig(out=tmp_path / "cut.safetensors", epochs=1, **config))
     caplog.set_level("INFO")
-    again = train(TrainConfig(data=small_flickr, out=out, epochs=3, batch_size=64, lr_step=10))
+    resumed = train(TrainConfig(out=tmp_path / "cut.safetensors", epochs=2, **config))
     assert "resuming" in caplog.text
-    assert again["history"] == result["history"]
+    strip = [{k: v for k, v in h.items() if k != "minutes"} for h in resumed["history"]]
+    assert strip == [{k: v for k, v in h.items() if k != "minutes"} for h in whole["history"]]
+    a = torch.load(tmp_path / "whole.state.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut.state.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_the_state_of_another_model(tmp_path, flickr8k):
+    data = make_flickr_subset(tmp_path / "data", flickr8k, 20, 10)
+    out = tmp_path / "run.safetensors"
+    train(TrainConfig(data=data, out=out, epochs=1, batch_size=32, tune_backbone=False))
+    with pytest.raises(ValueError, match="weights of another model"):
+        train(TrainConfig(data=data, out=out, epochs=2, batch_size=32, tune_backbone=True))
 
 
 def test_save_then_load_gives_identical_scores(trained, small_flickr, tmp_path):
