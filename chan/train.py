@@ -177,7 +177,9 @@ def train(c: TrainConfig) -> dict:
         model.load_state_dict({**model.state_dict(), **state["model"]})  # strict: every key is checked
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scheduler.step_size = c.lr_step  # the command line wins over the saved schedule
+        scheduler.step_size = c.lr_step  # the command line wins over the saved schedule, from the next epoch on
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * scheduler.gamma ** (scheduler.last_epoch // c.lr_step)
         torch.set_rng_state(state["rng"])
         start, best, history = state["epoch"], state["best"], json.loads(state["history"])
         log.info("resuming %s after epoch %d (best dev RSUM %.1f)", out, start, best)

@@ -46,6 +46,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, flickr8k, capl
     a = torch.load(tmp_path / "whole.state.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut.state.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a third epoch with a new --lr-step: the learning rate follows the new schedule from the resumed epoch on
+    train(TrainConfig(out=tmp_path / "cut.safetensors", epochs=3, **{**config, "lr_step": 1}))
+    lr = torch.load(tmp_path / "cut.state.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(TrainConfig().lr * 0.1**3)  # x0.1 at epochs 1, 2 (caught up on resume) and 3
 
 
 def test_resume_refuses_the_state_of_another_model(tmp_path, flickr8k):
