@@ -27,13 +27,15 @@ a photo, and inspect the alignment of any pair."""
 MAX_UPLOAD = "10mb"
 UPLOADS_KEPT_S = 900  # uploads and drawn images are deleted this long after they were written
 SESSION_STATE_S = 1800  # an inspector's per-session state expires this long after its last use
+SESSIONS_KEPT = 200  # at most this many sessions' state in memory: API calls each open one, and memory stays bounded
 
 
 def launch(demo: gr.Blocks, gallery: Gallery, **kwargs) -> None:
     """Serve the demo locally: no share link, system fonts; the file route serves the gallery's own photos only."""
     files = sorted({str(p.path.resolve()) for p in gallery.photos if p.path})
     demo.queue(default_concurrency_limit=1)
-    demo.launch(share=False, theme=THEME, show_error=False, allowed_paths=files, max_file_size=MAX_UPLOAD, **kwargs)
+    demo.launch(share=False, theme=THEME, show_error=False, allowed_paths=files, max_file_size=MAX_UPLOAD,
+                state_session_capacity=SESSIONS_KEPT, **kwargs)
 
 
 def example_queries() -> list[str]:

@@ -47,6 +47,7 @@ class RegionTable:
     label_names: list[str]
     settings_key: str
     maps: torch.Tensor | None = None  # (N, C, h, w) fp16 trunk output, for models that tune the backbone's tail
+    photo_stats: dict[str, list[int]] | None = None  # photo id -> [size, mtime_ns] of the file it was extracted from
 
     def __post_init__(self) -> None:
         self.index = {pid: i for i, pid in enumerate(self.photo_ids)}
@@ -72,7 +73,13 @@ def default_cache_path(dataset: Dataset, settings: RegionSettings) -> Path:
     return CACHE_DIR / f"regions-{dataset.root.name}-{digest}.safetensors"
 
 
-def _pack(ids: list[str], regions: list[Regions], extractor: RegionExtractor) -> tuple[dict, dict]:
+def photo_stat(path: Path) -> list[int]:
+    """What identifies a photo file's content cheaply: its size and modification time."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _pack(ids: list[str], regions: list[Regions], extractor: RegionExtractor, stats: list[list[int]]) -> tuple[dict, dict]:
     index = {name: i for i, name in enumerate(extractor.label_names)}
     tensors = {
         "features": torch.from_numpy(np.stack([r.features for r in regions])).half(),
@@ -84,7 +91,7 @@ def _pack(ids: list[str], regions: list[Regions], extractor: RegionExtractor) ->
     if regions[0].stage_map is not None:
         tensors["maps"] = torch.from_numpy(np.stack([r.stage_map for r in regions])).half()
     meta = {"format": FORMAT, "settings": extractor.settings.key(), "photo_ids": json.dumps(ids),
-            "label_names": json.dumps(extractor.label_names)}
+            "label_names": json.dumps(extractor.label_names), "photo_stats": json.dumps(stats)}
     return tensors, meta
 
 
@@ -112,7 +119,26 @@ def load_table(path: Path, settings: RegionSettings | None = None) -> RegionTabl
         photo_ids=json.loads(meta["photo_ids"]), features=tensors["features"], boxes=tensors["boxes"],
         scores=tensors["scores"], label_ids=tensors["label_ids"], detected=tensors["detected"].bool(),
         label_names=json.loads(meta["label_names"]), settings_key=meta["settings"], maps=tensors.get("maps"),
+        photo_stats=dict(zip(json.loads(meta["photo_ids"]), json.loads(meta["photo_stats"]))) if "photo_stats" in meta else None,
     )
+
+
+def _save(tensors: dict, meta: dict, path: Path) -> None:
+    """Write atomically: a killed run leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def _drop_photos(path: Path, drop: set[str]) -> None:
+    """Rewrite a feature file without these photos (their files changed since they were extracted)."""
+    tensors, meta = _read(path)
+    ids = json.loads(meta["photo_ids"])
+    keep = torch.tensor([i for i, pid in enumerate(ids) if pid not in drop], dtype=torch.long)
+    meta["photo_ids"] = json.dumps([ids[i] for i in keep.tolist()])
+    if "photo_stats" in meta:
+        meta["photo_stats"] = json.dumps([json.loads(meta["photo_stats"])[i] for i in keep.tolist()])
+    _save({k: v[keep] for k, v in tensors.items()}, meta, path)
 
 
 def _merge(parts: list[Path], out: Path) -> None:
@@ -120,9 +146,11 @@ def _merge(parts: list[Path], out: Path) -> None:
     tensors = {k: torch.cat([t[k] for t, _ in loaded]) for k in loaded[0][0]}
     meta = dict(loaded[0][1])
     meta["photo_ids"] = json.dumps([i for _, m in loaded for i in json.loads(m["photo_ids"])])
-    tmp = out.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(out)
+    if all("photo_stats" in m for _, m in loaded):
+        meta["photo_stats"] = json.dumps([st for _, m in loaded for st in json.loads(m["photo_stats"])])
+    else:
+        meta.pop("photo_stats", None)
+    _save(tensors, meta, out)
 
 
 def extract(
@@ -133,18 +161,26 @@ def extract(
     shard_size: int = 256,
     extractor: RegionExtractor | None = None,
     progress: bool = True,
+    redo: set[str] | None = None,
 ) -> RegionTable:
-    """Region features of every photo of `dataset` into `out`, reusing what `out` already holds."""
+    """Region features of every photo of `dataset` into `out`, reusing what `out` already holds (except `redo`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts_dir = out.with_name(out.name + ".parts")
     parts_dir.mkdir(exist_ok=True)
     if out.exists():
         load_table(out, settings)  # refuses a file made with other settings
+        if redo:
+            _drop_photos(out, redo)
         shutil.move(str(out), parts_dir / "00000-previous.safetensors")
     done: set[str] = set()
     for part in sorted(parts_dir.glob("*.safetensors")):
-        _, meta = _read(part)
+        try:
+            _, meta = _read(part)
+        except CacheError as e:  # a shard cut short by a crash: extract its photos again
+            log.warning("%s; its photos are extracted again", e)
+            part.unlink()
+            continue
         if meta["settings"] != settings.key():
             raise CacheError(f"{part}: left by an extraction with other settings; delete {parts_dir}")
         done.update(json.loads(meta["photo_ids"]))
@@ -155,13 +191,14 @@ def extract(
         bar = tqdm(total=len(todo), desc="regions", unit="photo", disable=not progress)
         for start in range(0, len(todo), shard_size):
             shard = todo[start : start + shard_size]
-            ids, regions = [], []
+            ids, regions, stats = [], [], []
             for b in range(0, len(shard), batch_size):
                 batch, images = [], []
                 for photo in shard[b : b + batch_size]:
                     try:
                         images.append(load_photo(photo.path))
                         batch.append(photo.id)
+                        stats.append(photo_stat(photo.path))
                     except PhotoError as e:
                         failures += 1
                         log.warning("%s: skipped: %s", photo.path, e)
@@ -169,8 +206,8 @@ def extract(
                 ids += batch
                 bar.update(len(shard[b : b + batch_size]))
             if ids:
-                tensors, meta = _pack(ids, regions, extractor)
-                save_file(tensors, str(parts_dir / f"{len(list(parts_dir.iterdir())):05d}.safetensors"), metadata=meta)
+                number = 1 + max((int(p.name[:5]) for p in parts_dir.glob("*.safetensors")), default=0)
+                _save(*_pack(ids, regions, extractor, stats), parts_dir / f"{number:05d}.safetensors")
         bar.close()
         if failures:
             log.warning("%d photos could not be decoded and were skipped", failures)
@@ -189,9 +226,23 @@ def table_for(dataset: Dataset, settings: RegionSettings | PrecomputedSettings, 
         from .precomputed import precomputed_table
 
         return precomputed_table(dataset, settings)
+    default = path is None
     path = Path(path) if path else default_cache_path(dataset, settings)
+    changed: set[str] = set()
     if path.exists():
-        table = load_table(path, settings)
-        if all(p.id in table.index for p in dataset.photos):
-            return table
-    return extract(dataset, path, settings, progress=progress)
+        try:
+            table = load_table(path, settings)
+        except CacheError as e:
+            if not default:
+                raise
+            log.warning("%s; extracting the features again", e)  # our own cache file, damaged: rebuild it
+            path.unlink()
+        else:
+            # files replaced since their extraction (caches written before stats were kept are trusted)
+            stats = table.photo_stats or {}
+            changed = {p.id for p in dataset.photos if p.id in stats and p.path and stats[p.id] != photo_stat(p.path)}
+            if not changed and all(p.id in table.index for p in dataset.photos):
+                return table
+            if changed:
+                log.info("%d photos changed since their regions were extracted: extracting them again", len(changed))
+    return extract(dataset, path, settings, progress=progress, redo=changed)

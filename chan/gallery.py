@@ -6,6 +6,7 @@ only when either changes. Everything returned is plain data (ids, paths, arrays,
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .regions import PrecomputedSettings, RegionExtractor, Regions, region_names
 from .similarity import Alignment, align
 
 MAX_QUERY_CHARS = 2000
+log = logging.getLogger(__name__)
 
 
 class QueryError(ValueError):
@@ -93,14 +95,28 @@ class Gallery:
         captions = [c for c in dataset.captions if c.photo_id in self.photo_index]
         self.caption_texts = [c.text for c in captions]
         self.caption_photo = torch.tensor([self.photo_index[c.photo_id] for c in captions], dtype=torch.long)
-        key = hashlib.sha1(f"{_file_digest(Path(checkpoint))}|{dataset.root.resolve()}|{[p.id for p in self.photos]}".encode()).hexdigest()[:16]
-        self.cache_path = CACHE_DIR / f"gallery-{key}.safetensors"
+        self.cache_path = CACHE_DIR / f"gallery-{self._index_key(Path(checkpoint), captions)}.safetensors"
         self._load_or_build()
         self._extractor: RegionExtractor | None = None
 
+    def _index_key(self, checkpoint: Path, captions: list) -> str:
+        """What the index is computed from: the checkpoint's bytes, each photo's id and region-cache stats, the captions."""
+        h = hashlib.sha1(f"{_file_digest(checkpoint)}|{self.dataset.root.resolve()}".encode())
+        stats = self.table.photo_stats or {}
+        for p in self.photos:
+            h.update(f"{p.id}|{stats.get(p.id)}\n".encode())
+        for c in captions:
+            h.update(f"{c.photo_id}\t{c.text}\n".encode())
+        return h.hexdigest()[:16]
+
     def _load_or_build(self) -> None:
+        t = None
         if self.cache_path.exists():
-            t = load_file(str(self.cache_path))
+            try:
+                t = load_file(str(self.cache_path))
+            except Exception as e:  # safetensors raises several types for a damaged file
+                log.warning("%s is damaged (%s); encoding the gallery again", self.cache_path, e)
+        if t is not None:
             self.regions, lengths = t["regions"].float(), t["caption_lengths"]
             flat = t["caption_words"].float()
         else:
@@ -112,7 +128,9 @@ class Gallery:
             else:
                 lengths, flat = torch.zeros(0, dtype=torch.long), torch.zeros(0, self.regions.shape[-1])
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"regions": self.regions.half(), "caption_lengths": lengths, "caption_words": flat.half()}, str(self.cache_path))
+            tmp = self.cache_path.with_name(self.cache_path.name + ".tmp")
+            save_file({"regions": self.regions.half(), "caption_lengths": lengths, "caption_words": flat.half()}, str(tmp))
+            tmp.replace(self.cache_path)
         if self.model.config.similarity == "hard":  # the hard scorer runs in the gallery's dtype: half the memory
             self.regions = self.regions.bfloat16()
         L = int(lengths.max()) if len(lengths) else 1

@@ -49,3 +49,34 @@ def test_extract_command(tmp_path, flickr8k, capsys):
     assert "2 photos x 8 regions" in capsys.readouterr().out
     table = load_table(out)
     assert json.loads(table.settings_key)["num_regions"] == 8
+
+
+class _Counting:
+    """An extractor that counts the photos it sees, and dies (like a killed run) after `die_after` photos."""
+
+    def __init__(self, inner, die_after=None):
+        self.inner, self.die_after, self.seen = inner, die_after, 0
+        self.settings, self.label_names = inner.settings, inner.label_names
+
+    def __call__(self, photos):
+        if self.die_after is not None and self.seen + len(photos) > self.die_after:
+            raise KeyboardInterrupt
+        self.seen += len(photos)
+        return self.inner(photos)
+
+
+def test_an_interrupted_extraction_resumes_with_the_remaining_photos(tmp_path, flickr8k, extractor):
+    ds = open_dataset(make_flickr_subset(tmp_path / "f", flickr8k, 7, 0))
+    out = tmp_path / "feat.safetensors"
+    dying = _Counting(extractor, die_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        extract(ds, out, extractor=dying, batch_size=2, shard_size=2, progress=False)
+    parts = sorted((tmp_path / "feat.safetensors.parts").glob("*.safetensors"))
+    assert len(parts) == 2 and not out.exists()  # two shards of 2 photos were written before the "kill"
+    parts[-1].write_bytes(parts[-1].read_bytes()[:3000])  # and the last one was cut short
+    resumed = _Counting(extractor)
+    table = extract(ds, out, extractor=resumed, batch_size=2, shard_size=2, progress=False)
+    assert resumed.seen == 7 - 2  # only the photos of the intact shard were not extracted again
+    assert sorted(table.photo_ids) == sorted(p.id for p in ds.photos)
+    whole = extract(ds, tmp_path / "whole.safetensors", extractor=extractor, progress=False)
+    assert all(torch.equal(table.features[table.index[i]], whole.features[whole.index[i]]) for i in whole.photo_ids)

@@ -1,0 +1,65 @@
+"""Caches never go stale: edited captions, added captions, replaced photos and damaged files give fresh results."""
+import os
+import time
+
+import torch
+
+from chan.checkpoint import DEFAULT_CHECKPOINT
+from chan.data import open_dataset
+from chan.features import default_cache_path, table_for
+from chan.gallery import Gallery
+from chan.regions import LEGACY_SETTINGS
+from tests.conftest import make_flickr_subset
+
+
+def _captions_file(root):
+    return root / "Flickr8k_text" / "Flickr8k.token.txt"
+
+
+def _gallery(root):
+    return Gallery(DEFAULT_CHECKPOINT, open_dataset(root).split("dev"), progress=False)
+
+
+def test_gallery_index_follows_caption_edits_and_additions(tmp_path, flickr8k):
+    root = make_flickr_subset(tmp_path / "f", flickr8k, 0, 4)
+    before = _gallery(root)
+    lines = _captions_file(root).read_text().splitlines()
+    name = lines[0].split("\t")[0].split("#")[0]
+    lines[0] = f"{lines[0].split(chr(9))[0]}\tzebras grazing on a snowy mountain"
+    lines.append(f"{name}#5\ta purple submarine")
+    _captions_file(root).write_text("\n".join(lines) + "\n")
+    after = _gallery(root)
+    assert after.cache_path != before.cache_path
+    assert "zebras grazing on a snowy mountain" in after.caption_texts and len(after.caption_texts) == len(before.caption_texts) + 1
+    fresh = after.model.encode_texts(["zebras grazing on a snowy mountain"])
+    row = after.caption_texts.index("zebras grazing on a snowy mountain")
+    n = int(after.caption_mask[row].sum())
+    assert torch.allclose(after.caption_words[row, :n], fresh[0][0][fresh[1][0]], atol=1e-2)
+
+
+def test_a_replaced_photo_is_extracted_again(tmp_path, flickr8k):
+    root = make_flickr_subset(tmp_path / "f", flickr8k, 0, 3)
+    dataset = open_dataset(root)
+    first = table_for(dataset, LEGACY_SETTINGS, progress=False)
+    a, b = dataset.photos[0], dataset.photos[1]
+    before_a = first.features[first.index[a.id]].clone()
+    time.sleep(0.01)
+    os.unlink(a.path)
+    os.symlink(os.readlink(b.path), a.path)  # photo a's file now holds photo b
+    again = table_for(open_dataset(root), LEGACY_SETTINGS, progress=False)
+    now_a, now_b = again.features[again.index[a.id]], again.features[again.index[b.id]]
+    assert not torch.equal(now_a, before_a)
+    assert torch.equal(now_a, now_b)
+
+
+def test_a_truncated_cache_is_rebuilt_with_a_warning(tmp_path, flickr8k, caplog):
+    root = make_flickr_subset(tmp_path / "f", flickr8k, 0, 2)
+    dataset = open_dataset(root)
+    first = table_for(dataset, LEGACY_SETTINGS, progress=False)
+    path = default_cache_path(dataset, LEGACY_SETTINGS)
+    path.write_bytes(path.read_bytes()[:5000])
+    caplog.set_level("WARNING")
+    again = table_for(dataset, LEGACY_SETTINGS, progress=False)
+    assert "extracting the features again" in caplog.text
+    assert sorted(again.photo_ids) == sorted(first.photo_ids)
+    assert all(torch.equal(again.features[again.index[i]], first.features[first.index[i]]) for i in first.photo_ids)
