@@ -78,5 +78,5 @@ def test_an_interrupted_extraction_resumes_with_the_remaining_photos(tmp_path, f
     table = extract(ds, out, extractor=resumed, batch_size=2, shard_size=2, progress=False)
     assert resumed.seen == 7 - 2  # only the photos of the intact shard were not extracted again
     assert sorted(table.photo_ids) == sorted(p.id for p in ds.photos)
-    whole = extract(ds, tmp_path / "whole.safetensors", extractor=extractor, progress=False)
+    whole = extract(ds, tmp_path / "whole.safetensors", extractor=extractor, batch_size=2, shard_size=2, progress=False)
     assert all(torch.equal(table.features[table.index[i]], whole.features[whole.index[i]]) for i in whole.photo_ids)
