@@ -64,7 +64,7 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
                     with gr.Column():
                         upload = gr.Image(type="filepath", image_mode=None, label="Your photo", sources=["upload"], elem_id="upload")
                         pick = gr.Dropdown(photo_choices, label="…or a gallery photo", value=None, filterable=True)
-                        own = gr.Textbox(label="Your candidate captions, one a line", lines=3)
+                        own = gr.Textbox(label="Your candidate captions, one a line", lines=3, elem_id="own-captions")
                         rank_button = gr.Button("Rank captions", variant="primary", elem_id="rank-button")
                     with gr.Column():
                         rank_status = gr.Markdown(elem_id="rank-status")

@@ -6,10 +6,6 @@ from urllib.parse import urlparse
 
 import pytest
 
-from chan.checkpoint import DEFAULT_CHECKPOINT
-from chan.data import open_dataset
-from chan.gallery import Gallery
-
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -17,14 +13,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="module")
-def served(small_flickr):
+def served(gallery):
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI"):
             pytest.fail("chromium is missing in CI: .ci/run must apt-get install it")
         pytest.skip("no chromium on this machine (apt-get install chromium)")
     from app.ui import build_demo, launch
 
-    gallery = Gallery(DEFAULT_CHECKPOINT, open_dataset(small_flickr).split("test"), progress=False)
     demo = build_demo(gallery)
     launch(demo, gallery, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     yield demo.local_url, gallery
@@ -61,9 +56,17 @@ def test_search_inspect_and_rank_in_a_browser(served):
         page.get_by_role("tab", name="Image → captions").click()
         page.locator("#upload input[type=file]").set_input_files(str(gallery.photos[5].path))
         page.wait_for_timeout(1000)
+        page.locator("#own-captions textarea").fill("a purple elephant reading a newspaper")
         page.locator("#rank-button").click()
         expect(page.locator("#rank-status")).to_contain_text("captions ranked", timeout=60_000)
-        expect(page.locator("#ranked")).to_contain_text("A", timeout=10_000)
+        expect(page.locator("#ranked")).to_contain_text("a purple elephant reading a newspaper", timeout=10_000)
+        expect(page.locator("#ranked")).to_contain_text("your caption")
         page.screenshot(path=ARTIFACTS / "rank.png", full_page=True)
+
+        # a shared link reproduces its search
+        page.goto(f"{url}?q=a+man+rides+a+bike")
+        expect(page.locator("#results img").first).to_be_visible(timeout=60_000)
+        expect(page.locator("#query textarea, #query input").first).to_have_value("a man rides a bike")
+        expect(page.locator("#search-status")).to_contain_text("Top 12")
         browser.close()
     assert hosts == {"127.0.0.1"}, hosts
