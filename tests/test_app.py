@@ -111,7 +111,7 @@ def test_align_figures_mark_the_chosen_regions(handlers, gallery):
     kept_z = np.asarray(kept.z, dtype=float)
     assert (~np.isnan(kept_z)).sum() == L  # one kept cell per word, all others eliminated
     assert list(np.nanargmax(kept_z, 1)) == list(a.chosen)
-    assert list(rings.x) == [figures.region_names(state.pair.region_labels)[k] for k in a.chosen]
+    assert list(rings.x) == [f"r{k} {state.pair.region_labels[k]}" for k in a.chosen]
     assert np.allclose(np.asarray(soft.data[0].z).sum(1), 1.0, atol=1e-4)
     assert np.isclose(sum(bars.data[0].x), a.score, atol=1e-4)
     assert drawn.size[0] > 0 and "eliminated" in status

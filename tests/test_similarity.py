@@ -1,6 +1,7 @@
 """The batched scorers against naive per-pair loops written straight from the paper's definitions."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,10 +88,20 @@ def test_align_one_pair(pooling):
     a = align(regions, words, pooling)
     full = torch.ones(1, len(regions), dtype=torch.bool), torch.ones(1, len(words), dtype=torch.bool)
     assert a.cosine.shape == (len(words), len(regions))
-    assert (a.chosen == a.cosine.argmax(1)).all()
+    naive = np.array([[float(w @ r) for r in regions] for w in words])  # one dot product per word-region pair
+    np.testing.assert_allclose(a.cosine, naive, atol=1e-5)
+    assert list(a.chosen) == [int(np.argmax(row)) for row in naive]
     assert abs(a.contributions.sum() - a.score) < 1e-5
     assert abs(a.score - float(hard_scores(images, full[0], captions, full[1], pooling)[0, 0])) < 1e-5
-    assert abs(a.soft_score - float(soft_scores(images, full[0], captions, full[1], pooling)[0, 0])) < 1e-5
+    # SCAN t2i written out from its definition: attention over regions, attended vector, cosine, pooled
+    leaky = np.where(naive > 0, naive, 0.1 * naive)
+    normed = leaky / np.linalg.norm(leaky, axis=0, keepdims=True)
+    alpha = np.exp(9 * normed) / np.exp(9 * normed).sum(1, keepdims=True)
+    attended = alpha @ regions.numpy()
+    per_word = [float(w @ v) / float(np.linalg.norm(v)) for w, v in zip(words.numpy(), attended)]
+    pooled = np.mean(per_word) if pooling == "mean" else 0.1 * np.log(np.sum(np.exp(np.array(per_word) / 0.1)))
+    assert abs(a.soft_score - pooled) < 1e-4
+    np.testing.assert_allclose(a.soft_attention, alpha, atol=1e-5)
     torch.testing.assert_close(torch.from_numpy(a.soft_attention).sum(1), torch.ones(len(words)))
 
 

