@@ -15,6 +15,7 @@ from PIL import Image
 
 from chan.gallery import Gallery, PairAlignment, QueryError
 from chan.photos import PhotoError, load_photo
+from chan.regions import region_names
 
 from . import figures
 
@@ -41,6 +42,7 @@ def friendly(n_outputs: int):
     return wrap
 
 
+SIMILARITY_NAMES = {"hard": "CHAN score", "soft": "SCAN score", "global": "global cosine (neither shown)"}
 # Bounds on one request's work; the README lists them.
 MAX_PHOTOS_SHOWN = 48
 MAX_OWN_CAPTIONS = 50
@@ -114,7 +116,8 @@ class Handlers:
         """Caption -> the top-k gallery photos with rank and score."""
         hits, notes, ms = self.gallery.search_images(query, top_k(k))
         items = [(h.path or figures.placeholder(h.photo_id, h.caption), f"#{h.rank} · {h.score:.3f} · {h.caption}") for h in hits]
-        status = f"Top {len(hits)} of {len(self.gallery.photos)} photos in {ms:.0f} ms."
+        status = (f"Top {len(hits)} of {len(self.gallery.photos)} photos in {ms:.0f} ms · "
+                  f"scores: {SIMILARITY_NAMES[self.gallery.model.config.similarity]}.")
         return items, [h.photo_id for h in hits], "  \n".join([status] + [f"⚠️ {n}" for n in notes])
 
     @friendly(3)
@@ -135,8 +138,11 @@ class Handlers:
         if regions.boxes is None:
             status = f"{len(rows)} captions ranked · {len(regions.labels)} precomputed regions (this gallery has no photos or boxes to draw)."
         else:
-            n_det = int(regions.detected.sum())
-            status = f"{len(rows)} captions ranked · {n_det} detected regions (+ whole photo and grid cells: {len(regions.labels)} in all)."
+            names = region_names(regions)
+            n_det, n_whole = int(regions.detected.sum()), names.count("whole photo")
+            others = [f"{len(names) - n_det - n_whole} grid cells"] + (["the whole photo"] if n_whole else [])
+            status = (f"{len(rows)} captions ranked · {n_det} detected regions (drawn), {' and '.join(others)}: "
+                      f"{len(names)} in all.")
         if own:
             status += f" Yours: {', '.join(f'#{r.rank}' for r in ranked if r.source == 'yours')}."
         return rows, drawn, status
@@ -156,7 +162,9 @@ class Handlers:
         a = pair.alignment
         state = Inspection(pair, self._photo(image_path, photo_id))
         words = figures.word_names(pair.words)
-        status = (f"CHAN score {a.score:.3f} (soft attention would give {a.soft_score:.3f}). "
+        ranks_by = SIMILARITY_NAMES[self.gallery.model.config.similarity]
+        status = (f"CHAN score {a.score:.3f} (hard alignment) · SCAN score {a.soft_score:.3f} (soft attention) · "
+                  f"this model ranks by its {ranks_by}. "
                   f"{len(set(a.chosen.tolist()))} distinct regions chosen by {len(pair.words)} tokens; "
                   f"{a.cosine.size - len(pair.words)} alignments eliminated.")
         if pair.boxes is None:
