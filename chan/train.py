@@ -171,6 +171,9 @@ def train(c: TrainConfig) -> dict:
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         expected = set(model.trainable_state())
+        if "config" in state and json.loads(state["config"]) != json.loads(json.dumps(model.describe())):
+            raise ValueError(f"{state_path} was trained with another model configuration (see its checkpoint's metadata); "
+                             "resume with the same options, use another --out, or delete it to start over")
         if set(state["model"]) != expected:
             raise ValueError(f"{state_path} holds the weights of another model (e.g. {sorted(set(state['model']) ^ expected)[:3]}); "
                              "use another --out, or delete it to start over")
@@ -227,7 +230,7 @@ def train(c: TrainConfig) -> dict:
             save_checkpoint(model, settings, out, info)
         torch.save({"model": model.trainable_state(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch + 1,
-                    "best": best, "history": json.dumps(history)}, state_path)
+                    "best": best, "history": json.dumps(history), "config": json.dumps(model.describe())}, state_path)
         out.with_suffix(".history.json").write_text(json.dumps(history, indent=1))
         _plot_curves(history, out.with_suffix(".png"))
     log.info("best dev RSUM %.1f; checkpoint %s", best, out)

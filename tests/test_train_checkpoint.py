@@ -57,8 +57,10 @@ def test_resume_refuses_the_state_of_another_model(tmp_path, flickr8k):
     data = make_flickr_subset(tmp_path / "data", flickr8k, 20, 10)
     out = tmp_path / "run.safetensors"
     train(TrainConfig(data=data, out=out, epochs=1, batch_size=32, tune_backbone=False))
-    with pytest.raises(ValueError, match="weights of another model"):
+    with pytest.raises(ValueError, match="another model configuration"):
         train(TrainConfig(data=data, out=out, epochs=2, batch_size=32, tune_backbone=True))
+    with pytest.raises(ValueError, match="another model configuration"):  # same weights' names, other similarity
+        train(TrainConfig(data=data, out=out, epochs=2, batch_size=32, tune_backbone=False, similarity="soft"))
 
 
 def test_save_then_load_gives_identical_scores(trained, small_flickr, tmp_path):
