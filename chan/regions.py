@@ -109,8 +109,8 @@ GRID_PLACES = {2: [["top left", "top right"], ["bottom left", "bottom right"]],
 
 def region_names(regions: Regions) -> list[str]:
     """Names a person reads: 'dog 87%' for a detection, 'whole photo', '3x3 grid, top left' for a grid cell."""
-    if regions.boxes is None:
-        return [f"region {k}" for k in range(len(regions.labels))]
+    if regions.boxes is None:  # precomputed features: whatever labels they came with (usually none)
+        return list(regions.labels)
     unit = regions.features[:, BACKBONE_CHANNELS : BACKBONE_CHANNELS + 4]
     names = []
     for box, label, score, detected in zip(unit, regions.labels, regions.scores, regions.detected):
