@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 KINDS = (("whole_photo", "whole photo", "#d62728"), ("detection", "detector box", "#2ca02c"), ("grid", "grid cell", "#7f7f7f"))
 
@@ -34,6 +35,7 @@ def plot_dev_rsum(arms: list[tuple[str, Path]], path: Path) -> None:
         rows = json.loads(history.read_text())
         ax.plot([r["epoch"] for r in rows], [r["rsum"] for r in rows], "o-", label=label)
     ax.set(xlabel="epoch", ylabel="dev RSUM (Flickr8k, 1,000 photos)", title="Region study: dev RSUM per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
