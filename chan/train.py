@@ -129,9 +129,6 @@ def _plot_curves(history: list[dict], path: Path) -> None:
 
 def train(c: TrainConfig) -> dict:
     """Run (or resume) one training; the best dev-RSUM epoch is saved at `c.out`."""
-    torch.manual_seed(c.seed)
-    random.seed(c.seed)
-    np.random.seed(c.seed)
     out = Path(c.out)
     state_path = out.with_suffix(".state.pt")
     bigru = c.text_encoder == "bigru"
@@ -148,6 +145,9 @@ def train(c: TrainConfig) -> dict:
     if c.tune_backbone and not settings.tail_start:
         raise ValueError(f"--tune-backbone needs regions that keep the backbone's trunk maps; {c.regions!r} regions do not")
     table: RegionTable = table_for(dataset, settings)
+    torch.manual_seed(c.seed)  # after the region cache: extracting it (or not) must not change the run
+    random.seed(c.seed)
+    np.random.seed(c.seed)
 
     config = ModelConfig(
         feature_dim=settings.feature_dim, embed_dim=c.embed_dim, text_encoder=c.text_encoder,

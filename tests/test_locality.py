@@ -24,7 +24,8 @@ def _naive(model, dataset, table, settings):
     rows = table.rows(ids)
     counts = {"whole_photo": 0, "detection": 0, "grid": 0}
     for text, o in zip(texts, owner.tolist()):
-        emb, mask, words = model.encode_texts([text])
+        with torch.no_grad():
+            emb, mask, words = model.encode_texts([text])
         chosen = align(images[o], emb[0][mask[0]]).chosen
         for word, k in zip(words[0], chosen.tolist()):
             if word_kind(word) == "content":

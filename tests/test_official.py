@@ -300,7 +300,7 @@ def test_the_demo_serves_an_imported_model_on_its_precomputed_folder(bigru_relea
     import_official(folder / "model_best.pth.tar", out, vocab_json=folder / "f30k_precomp_vocab.json", trust_pickle=True)
     gallery = open_gallery(precomp, out, "test", progress=False)
     assert gallery.precomputed and "precomputed region features" in gallery.describe()
-    h = Handlers(gallery)
+    h = Handlers(gallery, upload_folder=tmp_path)
 
     items, ids, status = h.search_images("a dog runs through the snow", 3)
     assert len(ids) == 3 and all(i.startswith("test/") for i in ids)
