@@ -77,14 +77,18 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=100, help="requests per client per round (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--deadline", type=float, default=1800, help="stop after this many seconds in all (default: %(default)s)")
-    p.add_argument("--app-args", default="", help="extra arguments for app.py, e.g. '--gallery DIR'")
+    p.add_argument("--gallery", type=Path, default=None, help="the app's --gallery (default: the app's default)")
     args = p.parse_args()
     if args.clients * args.requests * args.rounds > 10_000:
         p.error("at most 10,000 requests in one run")
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *args.app_args.split()],
+    sys.path.insert(0, str(ROOT))
+    from chan.data import DEFAULT_DATA, open_dataset
+
+    gallery = args.gallery or DEFAULT_DATA
+    server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--gallery", str(gallery)],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = time.time()
     try:
@@ -97,13 +101,8 @@ def main() -> int:
                     print("the app did not start", file=sys.stderr)
                     return 1
                 time.sleep(1)
-        sys.path.insert(0, str(ROOT))
-        from app import parse_args
-        from chan.data import open_dataset
-
-        app_args = parse_args(args.app_args.split())
-        dataset = open_dataset(app_args.gallery)
-        photos = dataset.split(app_args.split or dataset.default_split()).photos
+        dataset = open_dataset(gallery)
+        photos = dataset.split(dataset.default_split()).photos
         photo_ids, upload = [ph.id for ph in photos[:200]], photos[0].path
 
         rss, results = [], []
