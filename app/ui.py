@@ -33,7 +33,6 @@ SESSIONS_KEPT = 200  # at most this many sessions' state in memory: API calls ea
 def launch(demo: gr.Blocks, gallery: Gallery, **kwargs) -> None:
     """Serve the demo locally: no share link, system fonts; the file route serves the gallery's own photos only."""
     files = sorted({str(p.path.resolve()) for p in gallery.photos if p.path})
-    demo.queue(default_concurrency_limit=1)
     demo.launch(share=False, theme=THEME, show_error=False, allowed_paths=files, max_file_size=MAX_UPLOAD,
                 state_session_capacity=SESSIONS_KEPT, **kwargs)
 
