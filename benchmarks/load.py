@@ -120,7 +120,7 @@ def main() -> int:
             results.append((rows, wall))
             print(f"round {round_ + 1}: {len(rows)} requests in {wall:.1f} s, server RSS {rss[-1]:.0f} MB", flush=True)
 
-        print(f"\n| endpoint | requests | errors | p50 ms | p95 ms | max ms | req/s |\n|---|---|---|---|---|---|---|")
+        print("\n| endpoint | requests | errors | p50 ms | p95 ms | max ms | req/s |\n|---|---|---|---|---|---|---|")
         all_rows = [r for rows, _ in results for r in rows]
         wall = sum(w for _, w in results)
         summary = {}
