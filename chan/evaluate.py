@@ -26,7 +26,8 @@ class EncodedImages:
 @dataclass
 class EncodedCaptions:
     embeddings: torch.Tensor  # (M, L, D), zero-padded
-    mask: torch.Tensor  # (M, L)
+    mask: torch.Tensor  # (M, L): the pooled tokens
+    words: list[list[str]]  # each caption's pooled tokens, in the order of the embeddings
 
 
 @torch.no_grad()
@@ -44,12 +45,11 @@ def encode_images(model: CHAN, table: RegionTable, ids: list[str], batch: int = 
 def encode_captions(model: CHAN, texts: list[str], batch: int = 256, progress: bool = False) -> EncodedCaptions:
     parts = []
     for s in tqdm(range(0, len(texts), batch), desc="captions", disable=not progress, leave=False):
-        emb, mask, _ = model.encode_texts(texts[s : s + batch])
-        parts.append((emb, mask))
-    L = max(e.shape[1] for e, _ in parts)
-    emb = torch.cat([torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[1])) for e, _ in parts])
-    mask = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1])) for _, m in parts])
-    return EncodedCaptions(emb, mask)
+        parts.append(model.encode_texts(texts[s : s + batch]))
+    L = max(e.shape[1] for e, _, _ in parts)
+    emb = torch.cat([torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[1])) for e, _, _ in parts])
+    mask = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1])) for _, m, _ in parts])
+    return EncodedCaptions(emb, mask, [w for _, _, words in parts for w in words])
 
 
 def protocol_pairs(dataset: Dataset) -> tuple[list[str], list[str], torch.Tensor]:

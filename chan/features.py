@@ -1,7 +1,8 @@
 """A compact, resumable on-disk cache of region features for a whole dataset.
 
 One safetensors file: features fp16 (N, K, F), boxes, scores, label ids, detector flags, and
-(when the settings keep it) the backbone trunk's output map per photo (N, C, h, w); the metadata holds the photo ids and the extractor settings. A file made with other settings is
+(when the settings keep it) the backbone trunk's output map per photo (N, C, h, w); the metadata
+holds the photo ids, their files' size and time, and the extractor settings. A file made with other settings is
 refused, never silently reused. Extraction writes shards beside the file as it goes, so an
 interrupted run resumes where it stopped.
 """
@@ -123,7 +124,7 @@ def load_table(path: Path, settings: RegionSettings | None = None) -> RegionTabl
     )
 
 
-def _save(tensors: dict, meta: dict, path: Path) -> None:
+def save_atomic(tensors: dict, meta: dict, path: Path) -> None:
     """Write atomically: a killed run leaves the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -138,7 +139,7 @@ def _drop_photos(path: Path, drop: set[str]) -> None:
     meta["photo_ids"] = json.dumps([ids[i] for i in keep.tolist()])
     if "photo_stats" in meta:
         meta["photo_stats"] = json.dumps([json.loads(meta["photo_stats"])[i] for i in keep.tolist()])
-    _save({k: v[keep] for k, v in tensors.items()}, meta, path)
+    save_atomic({k: v[keep] for k, v in tensors.items()}, meta, path)
 
 
 def _merge(parts: list[Path], out: Path) -> None:
@@ -150,7 +151,7 @@ def _merge(parts: list[Path], out: Path) -> None:
         meta["photo_stats"] = json.dumps([st for _, m in loaded for st in json.loads(m["photo_stats"])])
     else:
         meta.pop("photo_stats", None)
-    _save(tensors, meta, out)
+    save_atomic(tensors, meta, out)
 
 
 def extract(
@@ -207,7 +208,7 @@ def extract(
                 bar.update(len(shard[b : b + batch_size]))
             if ids:
                 number = 1 + max((int(p.name[:5]) for p in parts_dir.glob("*.safetensors")), default=0)
-                _save(*_pack(ids, regions, extractor, stats), parts_dir / f"{number:05d}.safetensors")
+                save_atomic(*_pack(ids, regions, extractor, stats), parts_dir / f"{number:05d}.safetensors")
         bar.close()
         if failures:
             log.warning("%d photos could not be decoded and were skipped", failures)

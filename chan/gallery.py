@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .checkpoint import load_checkpoint
 from .model import MAX_TOKENS
 from .data import Dataset, open_dataset
 from .evaluate import encode_captions, encode_images
-from .features import CACHE_DIR, table_for
+from .features import CACHE_DIR, save_atomic, table_for
 from .photos import load_photo
 from .regions import PrecomputedSettings, RegionExtractor, Regions, region_names
 from .similarity import Alignment, align
@@ -129,9 +129,8 @@ class Gallery:
             else:
                 lengths, flat = torch.zeros(0, dtype=torch.long), torch.zeros(0, self.regions.shape[-1])
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_path.with_name(self.cache_path.name + ".tmp")
-            save_file({"regions": self.regions.half(), "caption_lengths": lengths, "caption_words": flat.half()}, str(tmp))
-            tmp.replace(self.cache_path)
+            save_atomic({"regions": self.regions.half(), "caption_lengths": lengths, "caption_words": flat.half()}, {},
+                        self.cache_path)
         if self.model.config.similarity == "hard":  # the hard scorer runs in the gallery's dtype: half the memory
             self.regions = self.regions.bfloat16()
         L = int(lengths.max()) if len(lengths) else 1

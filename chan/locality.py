@@ -13,7 +13,7 @@ import torch
 
 from .backbone import BACKBONE_CHANNELS
 from .data import Dataset
-from .evaluate import encode_images, protocol_pairs, split_scores
+from .evaluate import encode_captions, encode_images, protocol_pairs
 from .features import RegionTable
 from .metrics import recall_metrics
 from .model import CHAN
@@ -50,6 +50,7 @@ def alignment_locality(model: CHAN, settings, dataset: Dataset, table: RegionTab
     model.eval()
     ids, texts, owner = protocol_pairs(dataset)
     images = encode_images(model, table, ids).embeddings
+    captions = encode_captions(model, texts, batch)
     rows = table.rows(ids)
     kinds = region_kinds(table, rows, settings)
     has_area = isinstance(settings, RegionSettings)
@@ -57,7 +58,7 @@ def alignment_locality(model: CHAN, settings, dataset: Dataset, table: RegionTab
     counts = {(w, k): 0 for w in ("content", "stopword") for k in KINDS}
     distinct, area_sum = [], 0.0
     for s in range(0, len(texts), batch):
-        emb, mask, words = model.encode_texts(texts[s : s + batch])
+        emb, mask, words = captions.embeddings[s : s + batch], captions.mask[s : s + batch], captions.words[s : s + batch]
         photos = owner[s : s + batch]
         chosen = torch.einsum("bld,bkd->blk", emb, images[photos]).argmax(-1)
         for i, caption_words in enumerate(words):
@@ -80,7 +81,8 @@ def alignment_locality(model: CHAN, settings, dataset: Dataset, table: RegionTab
         "distinct_regions_per_caption": sum(distinct) / max(1, len(distinct)),
         "mean_chosen_area": area_sum / max(1, n_content) if has_area else None,
         "content_words": n_content, "stopwords": n_stop, "captions": len(texts), "photos": len(ids),
-        "rsum": recall_metrics(*split_scores(model, dataset, table))["rsum"],
+        "rsum": recall_metrics(model.scores(images, torch.ones(images.shape[:2], dtype=torch.bool), captions.embeddings,
+                                            captions.mask), owner)["rsum"],
     }
     return out
 

@@ -64,20 +64,22 @@ def _region_dropout(n: int, k: int, p: float) -> torch.Tensor:
     return mask
 
 
+def _inner_tokens(mask: torch.Tensor, p: float) -> torch.Tensor:
+    """A random fraction p of the real tokens, never the first or last (the augmentation's targets)."""
+    lengths = mask.sum(1, keepdim=True)
+    pos = torch.arange(mask.shape[1])[None]
+    inner = (pos > 0) & (pos < lengths - 1)
+    return inner & (torch.rand(mask.shape) < p)
+
+
 def _mask_tokens(ids: torch.Tensor, mask: torch.Tensor, mask_id: int, p: float) -> torch.Tensor:
     """Replace a fraction p of the real tokens (never the first or last) by the mask token."""
-    lengths = mask.sum(1, keepdim=True)
-    pos = torch.arange(ids.shape[1])[None]
-    inner = (pos > 0) & (pos < lengths - 1)
-    return ids.masked_fill(inner & (torch.rand(ids.shape) < p), mask_id)
+    return ids.masked_fill(_inner_tokens(mask, p), mask_id)
 
 
 def _delete_tokens(mask: torch.Tensor, p: float) -> torch.Tensor:
     """Drop a fraction p of the real tokens (never the first or last) from the mask: token deletion."""
-    lengths = mask.sum(1, keepdim=True)
-    pos = torch.arange(mask.shape[1])[None]
-    inner = (pos > 0) & (pos < lengths - 1)
-    return mask & ~(inner & (torch.rand(mask.shape) < p))
+    return mask & ~_inner_tokens(mask, p)
 
 
 class FrozenCaptionStates:
@@ -159,6 +161,7 @@ def train(c: TrainConfig) -> dict:
     model = CHAN(config)
     if bigru:
         log.info("GloVe vectors for %d of %d words", model.text_encoder.init_from_glove(), len(config.vocab))
+
     def pretrained(name: str) -> bool:  # BERT layers and the backbone's tail learn at bert_lr_scale x lr
         return ".bert." in name or ".tail." in name
 
