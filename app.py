@@ -1,4 +1,4 @@
-"""Launch the CHAN demo: python app.py [--gallery DIR] [--checkpoint PATH] [--host H] [--port P]."""
+"""Launch the CHAN demo: python app.py [--gallery DIR] [--checkpoint PATH] [--compare PATH | --no-compare] [--host H] [--port P]."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
 
 # Nothing leaves this machine: no analytics, no hub look-ups.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -15,33 +17,46 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from chan.checkpoint import DEFAULT_CHECKPOINT
-    from chan.data import DEFAULT_DATA
+    from chan.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_COMPARISON
+    from chan.gallery import DEFAULT_GALLERY
 
     p = argparse.ArgumentParser(description="CHAN demo: caption -> images, image -> captions, and the alignment inspector.")
-    p.add_argument("--gallery", type=Path, default=DEFAULT_DATA,
+    p.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY,
                    help="a dataset folder: Flickr8k or COCO layout, a plain image folder, or precomputed features "
-                        "(<split>_ims.npy + <split>_caps.txt, with a checkpoint from import-official) (default: %(default)s)")
+                        "(<split>_ims.npy + <split>_caps.txt, with a checkpoint from import-official). It is indexed in "
+                        "the background on first use, and cached (default: the bundled 1,000 Flickr8k test photos, "
+                        "%(default)s)")
     p.add_argument("--split", default=None, help="gallery split (default: test where the dataset has one, else every photo)")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="CHAN checkpoint (default: %(default)s)")
+    p.add_argument("--compare", type=Path, action="append", default=None, metavar="CHECKPOINT",
+                   help="a model shown beside the main one in the search tab, e.g. runs/global-bert.safetensors; "
+                        f"repeat for several (default: the SCAN twin, {DEFAULT_COMPARISON.relative_to(ROOT)}, if present)")
+    p.add_argument("--no-compare", action="store_true", help="serve the main model alone")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.no_compare:
+        args.compare = []
+    elif args.compare is None:
+        args.compare = [DEFAULT_COMPARISON] if DEFAULT_COMPARISON.is_file() else []
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
-    from chan.gallery import open_gallery
+    from chan.gallery import Comparison, index_in_background, open_gallery
 
     try:
-        gallery = open_gallery(args.gallery, args.checkpoint, args.split)
+        comparisons = [Comparison.of(c) for c in args.compare]
+        gallery = open_gallery(args.gallery, args.checkpoint, args.split, index_now=False)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    index_in_background(gallery, comparisons)  # the page answers meanwhile, on the photos indexed so far
     from app.ui import build_demo, launch
 
-    launch(build_demo(gallery), gallery, server_name=args.host, server_port=args.port)
+    launch(build_demo(gallery, comparisons), gallery, server_name=args.host, server_port=args.port)
     return 0
 
 

@@ -22,30 +22,67 @@ def region_names(labels: list[str]) -> list[str]:
     return [f"r{k} {label}".strip() for k, label in enumerate(labels)]
 
 
-def word_names(words: list[str]) -> list[str]:
-    return [f"{i}:{w}" for i, w in enumerate(words)]
+SPECIAL_TOKENS = {"[CLS]", "[SEP]", "<start>", "<end>"}
+
+
+def whole_words(tokens: list[str]) -> list[str]:
+    """For each token, the word it is part of: word pieces ('skate', '##board') are joined ('skateboard')."""
+    out, start = list(tokens), 0
+    for i, t in enumerate(tokens + [""]):
+        if not t.startswith("##"):
+            word = "".join(p.removeprefix("##") for p in tokens[start:i])
+            out[start:i] = [word] * (i - start)
+            start = i
+    return out
+
+
+def word_names(tokens: list[str]) -> list[str]:
+    """Unique row names, one per scored token: '2:dog'; a piece with its word, '3:skateboard[##board]';
+    special tokens marked, '0:[CLS] (special)'."""
+    names = []
+    for i, (token, word) in enumerate(zip(tokens, whole_words(tokens))):
+        if token in SPECIAL_TOKENS:
+            names.append(f"{i}:{token} (special)")
+        else:
+            names.append(f"{i}:{token}" if word == token else f"{i}:{word}[{token}]")
+    return names
 
 
 def _layout(fig: go.Figure, title: str, n_words: int) -> go.Figure:
     fig.update_layout(
-        title=title, height=max(320, 60 + 22 * n_words), margin=dict(l=10, r=10, t=40, b=10),
-        yaxis=dict(autorange="reversed", tickfont=dict(size=11), dtick=1), xaxis=dict(tickangle=-60, tickfont=dict(size=9), dtick=1),
+        # region names take about 170 px under the map; each word row gets 26 px, so 3 to 40 words stay readable
+        title=title, height=max(340, 230 + 26 * n_words), margin=dict(l=10, r=10, t=40, b=10),
+        yaxis=dict(autorange="reversed", tickfont=dict(size=11), dtick=1, automargin=True),
+        xaxis=dict(tickangle=-60, tickfont=dict(size=9), dtick=1, automargin=True),
         plot_bgcolor="white",
     )
     return fig
 
 
-def hard_alignment_heatmap(cosine: np.ndarray, chosen: np.ndarray, words: list[str], labels: list[str]) -> go.Figure:
-    """Words x regions cosines: each word's chosen region in colour and ringed, eliminated cells grey."""
+def box_notes(boxes: np.ndarray | None, photo_size: tuple[int, int] | None, n_words: int) -> np.ndarray | None:
+    """Per heatmap cell, the region's box in words: 'box 12,30–140,200 px, 24% of the photo' (None without boxes)."""
+    if boxes is None or not len(boxes) or not photo_size:
+        return None
+    area = max(photo_size[0] * photo_size[1], 1)
+    notes = [f"box {x1:.0f},{y1:.0f}–{x2:.0f},{y2:.0f} px, {100 * (x2 - x1) * (y2 - y1) / area:.0f}% of the photo"
+             for x1, y1, x2, y2 in boxes.tolist()]
+    return np.array([notes] * n_words, dtype=object)
+
+
+def hard_alignment_heatmap(cosine: np.ndarray, chosen: np.ndarray, words: list[str], labels: list[str],
+                           boxes: np.ndarray | None = None, photo_size: tuple[int, int] | None = None) -> go.Figure:
+    """Words x regions cosines: each word's chosen region in colour and ringed, eliminated cells grey; hover names the box."""
     x, y = region_names(labels), word_names(words)
     kept = np.full(cosine.shape, np.nan)
     kept[np.arange(len(chosen)), chosen] = cosine[np.arange(len(chosen)), chosen]
+    notes = box_notes(boxes, photo_size, len(words))
+    box = "" if notes is None else "<br>%{customdata}"
     fig = go.Figure()
     fig.add_trace(go.Heatmap(z=cosine, x=x, y=y, colorscale="Greys", showscale=False, opacity=0.45, name="eliminated",
-                             hovertemplate="%{y} · %{x}<br>cos %{z:.3f} (eliminated)<extra></extra>"))
+                             customdata=notes, hovertemplate=f"%{{y}} · %{{x}}<br>cos %{{z:.3f}} (eliminated){box}<extra></extra>"))
     fig.add_trace(go.Heatmap(z=kept, x=x, y=y, colorscale="Reds", zmin=float(cosine.min()), zmax=float(cosine.max()),
-                             colorbar=dict(title="cos"), name="kept",
-                             hovertemplate="%{y} · %{x}<br>cos %{z:.3f} (kept)<extra></extra>"))
+                             colorbar=dict(title="cos"), name="kept", customdata=notes,
+                             hovertemplate=f"%{{y}} · %{{x}}<br>cos %{{z:.3f}} (kept){box}<extra></extra>"))
     fig.add_trace(go.Scatter(x=[x[k] for k in chosen], y=y, mode="markers", name="chosen region",
                              marker=dict(symbol="square-open", size=14, line=dict(width=3),
                                          color=[word_colour(i) for i in range(len(words))]),
@@ -53,11 +90,14 @@ def hard_alignment_heatmap(cosine: np.ndarray, chosen: np.ndarray, words: list[s
     return _layout(fig, "CHAN hard alignment (cosine; grey = eliminated)", len(words))
 
 
-def soft_attention_heatmap(attention: np.ndarray, words: list[str], labels: list[str]) -> go.Figure:
+def soft_attention_heatmap(attention: np.ndarray, words: list[str], labels: list[str],
+                           boxes: np.ndarray | None = None, photo_size: tuple[int, int] | None = None) -> go.Figure:
     """The SCAN attention weights of the same pair: every region gets some weight."""
+    notes = box_notes(boxes, photo_size, len(words))
+    box = "" if notes is None else "<br>%{customdata}"
     fig = go.Figure(go.Heatmap(z=attention, x=region_names(labels), y=word_names(words), colorscale="Viridis",
-                               colorbar=dict(title="weight"),
-                               hovertemplate="%{y} · %{x}<br>attention %{z:.3f}<extra></extra>"))
+                               colorbar=dict(title="weight"), customdata=notes,
+                               hovertemplate=f"%{{y}} · %{{x}}<br>attention %{{z:.3f}}{box}<extra></extra>"))
     return _layout(fig, "Soft cross-attention it replaces (SCAN weights)", len(words))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from gradio.utils import get_upload_folder
 from PIL import Image
 
-from chan.gallery import Gallery, PairAlignment, QueryError
+from chan.gallery import Comparison, Gallery, PairAlignment, QueryError
 from chan.photos import PhotoError, load_photo
 from chan.regions import region_names
 
@@ -42,7 +42,8 @@ def friendly(n_outputs: int):
     return wrap
 
 
-SIMILARITY_NAMES = {"hard": "CHAN score", "soft": "SCAN score", "global": "global cosine (neither shown)"}
+SIMILARITY_NAMES = {"hard": "hard alignment", "soft": "soft attention", "global": "global cosine"}
+NO_COMPARISON = "none"
 # Bounds on one request's work; the README lists them.
 MAX_PHOTOS_SHOWN = 48
 MAX_OWN_CAPTIONS = 50
@@ -58,6 +59,25 @@ def top_k(k) -> int:
             or not 1 <= k <= MAX_PHOTOS_SHOWN:
         raise QueryError(f"The number of photos must be a whole number from 1 to {MAX_PHOTOS_SHOWN}.")
     return int(k)
+
+
+def rank_change(rank: int, main_rank: int | None, main: str, k: int) -> str:
+    """How a photo's rank here compares with the main model's: '▲2 (CHAN #5)', '= CHAN', 'not in CHAN's top 12'."""
+    if main_rank is None:
+        return f"not in {main}'s top {k}"
+    if main_rank == rank:
+        return f"= {main}"
+    return f"{'▲' if rank < main_rank else '▼'}{abs(main_rank - rank)} ({main} #{main_rank})"
+
+
+def pooled_over(gallery: Gallery, n_tokens: int) -> str:
+    """What the hard-alignment score pools: which tokens, and how."""
+    c = gallery.model.config
+    how = "the mean" if c.pooling == "mean" else "a log-sum-exp (soft maximum)"
+    which = ("special tokens and punctuation are left out" if c.pooled_tokens == "content"
+             else "special tokens and punctuation are included, as this model was trained")
+    return (f"The score is {how} of each row's kept cosine over these {n_tokens} tokens: {which}, and a word split "
+            "into pieces keeps one row per piece, named with its whole word.")
 
 
 def photo_id_text(photo_id) -> str | None:
@@ -88,10 +108,11 @@ class Inspection:
 
 
 class Handlers:
-    def __init__(self, gallery: Gallery, upload_folder: str | Path | None = None):
+    def __init__(self, gallery: Gallery, upload_folder: str | Path | None = None, comparisons: list[Comparison] = ()):
         self.gallery = gallery
+        self.comparisons = {c.label: c for c in comparisons}
         self.upload_folder = Path(upload_folder or get_upload_folder()).resolve()
-        self.gallery_files = {str(p.path.resolve()) for p in gallery.photos if p.path}
+        self.gallery_files = {str(p.path.resolve()) for p in gallery.all_photos.values() if p.path}
 
     def upload_path(self, image: str | dict | None) -> str | None:
         """The file behind an Image input, only if gradio received it as an upload or it is a gallery photo.
@@ -111,14 +132,41 @@ class Handlers:
             raise QueryError(NOT_AN_UPLOAD)
         return str(resolved)
 
+    @staticmethod
+    def _scored_by(gallery: Gallery) -> str:
+        return f"scores: {gallery.label}, {SIMILARITY_NAMES[gallery.model.config.similarity]}"
+
     @friendly(3)
     def search_images(self, query: str, k: float = 12):
         """Caption -> the top-k gallery photos with rank and score."""
-        hits, notes, ms = self.gallery.search_images(query, top_k(k))
-        items = [(h.path or figures.placeholder(h.photo_id, h.caption), f"#{h.rank} · {h.score:.3f} · {h.caption}") for h in hits]
-        status = (f"Top {len(hits)} of {len(self.gallery.photos)} photos in {ms:.0f} ms · "
-                  f"scores: {SIMILARITY_NAMES[self.gallery.model.config.similarity]}.")
+        g = self.gallery
+        hits, notes, ms = g.search_images(query, top_k(k))
+        items = [(h.path or figures.placeholder(h.photo_id, h.caption), f"#{h.rank} · {h.score:.3f} ({g.model_name}) · {h.caption}")
+                 for h in hits]
+        status = f"Top {len(hits)} of {len(g.photos)} photos in {ms:.0f} ms · {self._scored_by(g)}."
         return items, [h.photo_id for h in hits], "  \n".join([status] + [f"⚠️ {n}" for n in notes])
+
+    @friendly(2)
+    def compare_images(self, query: str, k: float = 12, label: str = NO_COMPARISON):
+        """The same search by another model, each photo marked with its rank change against the main model's."""
+        if label in (None, "", NO_COMPARISON):
+            return [], ""
+        comparison = self.comparisons.get(label) if isinstance(label, str) else None
+        if comparison is None:
+            raise QueryError(f"Choose a model to compare with: {', '.join(self.comparisons) or 'none is loaded'}.")
+        other = comparison.gallery
+        if other is None:
+            raise QueryError(f"{label} is loaded after the main model's gallery is indexed; try again in a moment.")
+        k = top_k(k)
+        main_rank = {h.photo_id: h.rank for h in self.gallery.search_images(query, k)[0]}
+        hits, notes, ms = other.search_images(query, k)
+        main = self.gallery.model_name
+        items = [(h.path or figures.placeholder(h.photo_id, h.caption),
+                  f"#{h.rank} {rank_change(h.rank, main_rank.get(h.photo_id), main, k)} · {h.score:.3f} ({other.model_name})")
+                 for h in hits]
+        status = (f"Top {len(hits)} of {len(other.photos)} photos in {ms:.0f} ms · {self._scored_by(other)}. "
+                  f"Marks: this photo's rank by {main} (▲ {other.model_name} ranks it higher, ▼ lower).")
+        return items, "  \n".join([status] + [f"⚠️ {n}" for n in notes])
 
     @friendly(3)
     def rank_captions(self, image_path: str | dict | None, own_captions: str = "", photo_id: str = ""):
@@ -145,11 +193,12 @@ class Handlers:
                       f"{len(names)} in all.")
         if own:
             status += f" Yours: {', '.join(f'#{r.rank}' for r in ranked if r.source == 'yours')}."
+        status = "  \n".join([status] + [f"⚠️ {n}" for n in self.gallery.partial_note(self.gallery.index)])
         return rows, drawn, status
 
     def _photo(self, image_path: str | None, photo_id: str | None) -> Image.Image | None:
-        if photo_id and photo_id in self.gallery.photo_index:
-            path = self.gallery.photos[self.gallery.photo_index[photo_id]].path
+        if photo_id and photo_id in self.gallery.all_photos:
+            path = self.gallery.photo_path(photo_id)
             return load_photo(path) if path else None
         return load_photo(image_path) if image_path else None
 
@@ -161,19 +210,20 @@ class Handlers:
         pair = self.gallery.align(regions, caption)
         a = pair.alignment
         state = Inspection(pair, self._photo(image_path, photo_id))
+        size = state.photo.size if state.photo is not None else None
         words = figures.word_names(pair.words)
-        ranks_by = SIMILARITY_NAMES[self.gallery.model.config.similarity]
-        status = (f"CHAN score {a.score:.3f} (hard alignment) · SCAN score {a.soft_score:.3f} (soft attention) · "
-                  f"this model ranks by its {ranks_by}. "
+        g = self.gallery
+        status = (f"Hard-alignment score (CHAN) {a.score:.3f} · soft-attention score (SCAN) {a.soft_score:.3f}, both "
+                  f"from {g.label}'s embeddings, which ranks by {SIMILARITY_NAMES[g.model.config.similarity]}. "
                   f"{len(set(a.chosen.tolist()))} distinct regions chosen by {len(pair.words)} tokens; "
-                  f"{a.cosine.size - len(pair.words)} alignments eliminated.")
+                  f"{a.cosine.size - len(pair.words)} alignments eliminated.  \n{pooled_over(g, len(pair.words))}")
         if pair.boxes is None:
             status += ("  \nThis gallery holds precomputed region features (the authors' bottom-up-attention files) "
                        f"without photos or boxes, so regions are named by index (r0–r{len(pair.region_labels) - 1}) "
                        "and none can be drawn.")
         return (
-            figures.hard_alignment_heatmap(a.cosine, a.chosen, pair.words, pair.region_labels),
-            figures.soft_attention_heatmap(a.soft_attention, pair.words, pair.region_labels),
+            figures.hard_alignment_heatmap(a.cosine, a.chosen, pair.words, pair.region_labels, pair.boxes, size),
+            figures.soft_attention_heatmap(a.soft_attention, pair.words, pair.region_labels, pair.boxes, size),
             figures.contribution_bars(a.contributions, pair.words),
             self.draw_alignment(state, None),
             words,

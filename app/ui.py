@@ -5,9 +5,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from chan.gallery import Gallery
+from chan.gallery import Comparison, Gallery
 
-from .handlers import Handlers
+from .handlers import NO_COMPARISON, Handlers
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # System fonts only: the page requests nothing from the internet.
@@ -36,21 +36,41 @@ def launch(demo: gr.Blocks, gallery: Gallery, **kwargs) -> None:
     Not an allow-list of files: gradio checks each served file against every allowed path in turn, and
     1,000 files cost 0.7 s per search result page (measured), so folders it is.
     """
-    folders = sorted({str(p.path.resolve().parent) for p in gallery.photos if p.path})
+    folders = sorted({str(p.path.resolve().parent) for p in gallery.all_photos.values() if p.path})
     demo.launch(share=False, theme=THEME, show_error=False, allowed_paths=folders, max_file_size=MAX_UPLOAD,
                 state_session_capacity=SESSIONS_KEPT, **kwargs)
+
+
+def indexing_report(gallery: Gallery, comparisons: list[Comparison]) -> str:
+    """The main model's indexing state, then each comparison's while it is not done."""
+    lines = [gallery.progress.describe()]
+    for c in comparisons:
+        if c.gallery is None or not (c.gallery.progress.done or c.gallery.progress.failed):
+            lines.append(f"{c.label}: loaded and indexed after the main model (the same photos).")
+        elif not c.gallery.progress.finished:
+            lines.append(f"{c.label}: {c.gallery.progress.describe()}")
+    return "  \n".join(lines)
+
+
+def all_indexed(gallery: Gallery, comparisons: list[Comparison]) -> bool:
+    everyone = [gallery] + [c.gallery for c in comparisons]
+    return all(g is not None and (g.progress.finished or g.progress.failed is not None) for g in everyone)
 
 
 def example_queries() -> list[str]:
     return [line.strip() for line in (ASSETS / "example_queries.txt").read_text().splitlines() if line.strip()]
 
 
-def build_demo(gallery: Gallery) -> gr.Blocks:
-    h = Handlers(gallery)
-    photo_choices = [p.id for p in gallery.photos]
+def build_demo(gallery: Gallery, comparisons: list[Comparison] = ()) -> gr.Blocks:
+    """The page over `gallery`; `comparisons` (other models on the same photos) can be shown beside its search."""
+    h = Handlers(gallery, comparisons=comparisons)
+    compare_choices = [NO_COMPARISON, *h.comparisons]
+    photo_choices = list(gallery.all_photos)
     with gr.Blocks(title="CHAN demo", analytics_enabled=False, delete_cache=(UPLOADS_KEPT_S // 3, UPLOADS_KEPT_S)) as demo:
         gr.Markdown(INTRO)
-        gr.Markdown(f"Gallery: {gallery.describe()}")
+        gr.Markdown(f"Gallery: {gallery.describe()}" + "".join(f"  \nCompared with: {c.label}" for c in comparisons))
+        index_status = gr.Markdown(indexing_report(gallery, comparisons), elem_id="index-status")
+        index_timer = gr.Timer(1.0)
         hit_ids = gr.State([], time_to_live=SESSION_STATE_S)
         with gr.Tabs() as tabs:
             with gr.Tab("Caption → images", id="search"):
@@ -58,10 +78,19 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
                     query = gr.Textbox(label="Caption", placeholder="a dog runs through the snow", scale=5, elem_id="query")
                     top_k = gr.Slider(1, 48, value=12, step=1, label="Photos", scale=1)
                     search_button = gr.Button("Search", variant="primary", scale=1, elem_id="search-button")
-                gr.Examples(example_queries(), inputs=query)
-                search_status = gr.Markdown(elem_id="search-status")
-                results = gr.Gallery(label="Best matches (click one to inspect the pair)", columns=6, height="auto",
-                                     object_fit="cover", elem_id="results")
+                with gr.Row():
+                    gr.Examples(example_queries(), inputs=query)
+                    compare_with = gr.Dropdown(compare_choices, value=compare_choices[min(1, len(compare_choices) - 1)],
+                                               label="Compare with", visible=len(compare_choices) > 1, elem_id="compare-with")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        search_status = gr.Markdown(elem_id="search-status")
+                        results = gr.Gallery(label=f"Best matches by {gallery.label} (click one to inspect the pair)",
+                                             columns=4, height="auto", object_fit="cover", elem_id="results")
+                    with gr.Column(scale=1, visible=len(compare_choices) > 1) as compare_column:
+                        compare_status = gr.Markdown(elem_id="compare-status")
+                        compare_results = gr.Gallery(label="The same query, ranked by the model compared with", columns=4,
+                                                     height="auto", object_fit="cover", elem_id="compare-results")
             with gr.Tab("Image → captions", id="rank"):
                 with gr.Row():
                     with gr.Column():
@@ -97,15 +126,25 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
         # Searches are cheap and read-only: several at once. Photo work (regions, alignment) has its own queue.
         search = {"concurrency_id": "search", "concurrency_limit": 4}
         photo_work = {"concurrency_id": "photos", "concurrency_limit": 1}
+        compare_inputs, compare_outputs = [query, top_k, compare_with], [compare_results, compare_status]
         search_button.click(h.search_images, search_inputs, search_outputs, api_name="search_images", js=KEEP_QUERY_IN_URL,
-                            **search)
-        query.submit(h.search_images, search_inputs, search_outputs, api_visibility="private", js=KEEP_QUERY_IN_URL, **search)
+                            **search).then(h.compare_images, compare_inputs, compare_outputs, api_name="compare_images",
+                                           **search)
+        query.submit(h.search_images, search_inputs, search_outputs, api_visibility="private", js=KEEP_QUERY_IN_URL,
+                     **search).then(h.compare_images, compare_inputs, compare_outputs, api_visibility="private", **search)
+
+        def switch_comparison(label: str, query_text: str, k: float):
+            shown = label != NO_COMPARISON
+            out = h.compare_images(query_text, k, label) if shown and (query_text or "").strip() else ([], "")
+            return (gr.Column(visible=shown), *out)
+
+        compare_with.change(switch_comparison, [compare_with, query, top_k], [compare_column, *compare_outputs],
+                            api_visibility="private", **search)
 
         def open_hit(ids: list[str], caption: str, evt: gr.SelectData):
             photo_id = ids[evt.index]
-            path = gallery.photos[gallery.photo_index[photo_id]].path
-            path = str(path) if path else None
-            return path, photo_id, caption, gr.Tabs(selected="inspect")
+            path = gallery.photo_path(photo_id)
+            return str(path) if path else None, photo_id, caption, gr.Tabs(selected="inspect")
 
         align_inputs = [inspect_image, inspect_caption, inspect_photo_id]
         align_outputs = [hard_plot, soft_plot, contrib_plot, aligned_image, word, inspection, inspect_status]
@@ -137,9 +176,8 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
         inspect_image.upload(lambda: "", None, inspect_photo_id, api_visibility="private")
 
         def pick_photo(photo_id: str | None):
-            path = gallery.photos[gallery.photo_index[photo_id]].path if photo_id in gallery.photo_index else None
-            path = str(path) if path else None
-            return path, photo_id or ""
+            path = gallery.photo_path(photo_id) if isinstance(photo_id, str) else None
+            return str(path) if path else None, photo_id or ""
 
         pick.change(pick_photo, pick, [upload, rank_photo_id], api_visibility="private")
         upload.upload(lambda: "", None, rank_photo_id, api_visibility="private")
@@ -150,5 +188,15 @@ def build_demo(gallery: Gallery) -> gr.Blocks:
             q = (request.query_params.get("q") if request else None) or ""
             return (q, *h.search_images(q)) if q.strip() else (gr.skip(),) * 4
 
-        demo.load(from_address, None, [query, *search_outputs], api_visibility="private")
+        def compare_from_address(q: str, k: float, label: str):
+            return h.compare_images(q, k, label) if (q or "").strip() else (gr.skip(), gr.skip())
+
+        demo.load(from_address, None, [query, *search_outputs], api_visibility="private").then(
+            compare_from_address, compare_inputs, compare_outputs, api_visibility="private")
+
+        def indexing_state():
+            return indexing_report(gallery, comparisons), gr.Timer(active=not all_indexed(gallery, comparisons))
+
+        index_timer.tick(indexing_state, None, [index_status, index_timer], api_visibility="private", queue=False,
+                         show_progress="hidden")
     return demo

@@ -18,6 +18,8 @@ from .regions import PrecomputedSettings, RegionSettings, settings_from_key
 
 FORMAT = "chan-checkpoint-1"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "chan-bert-flickr8k.safetensors"
+# the default checkpoint's SCAN twin: the same regions and recipe, soft attention (the demo's comparison)
+DEFAULT_COMPARISON = Path(__file__).resolve().parents[1] / "runs" / "scan-proposals-tuned.safetensors"
 
 
 class CheckpointError(ValueError):

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,8 +164,12 @@ def extract(
     extractor: RegionExtractor | None = None,
     progress: bool = True,
     redo: set[str] | None = None,
+    on_shard: Callable[[list[str], list[Regions], int], None] | None = None,
 ) -> RegionTable:
-    """Region features of every photo of `dataset` into `out`, reusing what `out` already holds (except `redo`)."""
+    """Region features of every photo of `dataset` into `out`, reusing what `out` already holds (except `redo`).
+
+    `on_shard(ids, regions, skipped)` hears about each shard as soon as it is written.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts_dir = out.with_name(out.name + ".parts")
@@ -192,7 +197,7 @@ def extract(
         bar = tqdm(total=len(todo), desc="regions", unit="photo", disable=not progress)
         for start in range(0, len(todo), shard_size):
             shard = todo[start : start + shard_size]
-            ids, regions, stats = [], [], []
+            ids, regions, stats, skipped = [], [], [], 0
             for b in range(0, len(shard), batch_size):
                 batch, images = [], []
                 for photo in shard[b : b + batch_size]:
@@ -201,7 +206,7 @@ def extract(
                         batch.append(photo.id)
                         stats.append(photo_stat(photo.path))
                     except PhotoError as e:
-                        failures += 1
+                        skipped += 1
                         log.warning("%s: skipped: %s", photo.path, e)
                 regions += extractor(images)
                 ids += batch
@@ -209,20 +214,29 @@ def extract(
             if ids:
                 number = 1 + max((int(p.name[:5]) for p in parts_dir.glob("*.safetensors")), default=0)
                 save_atomic(*_pack(ids, regions, extractor, stats), parts_dir / f"{number:05d}.safetensors")
+            failures += skipped
+            if on_shard:
+                on_shard(ids, regions, skipped)
         bar.close()
         if failures:
             log.warning("%d photos could not be decoded and were skipped", failures)
     parts = sorted(parts_dir.glob("*.safetensors"))
     if not parts:
         raise CacheError(f"no photo of {dataset.root} could be decoded")
-    _merge(parts, out)
+    if len(parts) == 1:
+        parts[0].replace(out)  # nothing new (only unreadable photos were tried again): no rewrite
+    else:
+        _merge(parts, out)
     shutil.rmtree(parts_dir)
     return load_table(out, settings)
 
 
 def table_for(dataset: Dataset, settings: RegionSettings | PrecomputedSettings, path: Path | None = None,
-              progress: bool = True) -> RegionTable:
-    """The cached features of `dataset`, extracting whatever photos are missing (or a precomputed folder's)."""
+              progress: bool = True, **extract_options) -> RegionTable:
+    """The cached features of `dataset`, extracting whatever photos are missing (or a precomputed folder's).
+
+    `extract_options` go to `extract` (shard size, a shared extractor, a shard callback).
+    """
     if dataset.layout == "precomputed" or isinstance(settings, PrecomputedSettings):
         from .precomputed import precomputed_table
 
@@ -246,4 +260,4 @@ def table_for(dataset: Dataset, settings: RegionSettings | PrecomputedSettings, 
                 return table
             if changed:
                 log.info("%d photos changed since their regions were extracted: extracting them again", len(changed))
-    return extract(dataset, path, settings, progress=progress, redo=changed)
+    return extract(dataset, path, settings, progress=progress, redo=changed, **extract_options)

@@ -1,12 +1,14 @@
 """The served gallery: region and caption embeddings encoded once, cached on disk, queried fast.
 
-The index is keyed by the checkpoint's bytes and the gallery's photo list, so it is rebuilt
-only when either changes. Everything returned is plain data (ids, paths, arrays, labels).
+The index is keyed by the checkpoint's bytes, each photo file and the captions, so it is rebuilt
+only when one of them changes; it can grow in the background while queries run on the photos
+indexed so far. Everything returned is plain data (ids, paths, arrays, labels).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -14,18 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from tqdm import tqdm
 
-from .checkpoint import load_checkpoint
-from .model import MAX_TOKENS
+from .checkpoint import load_checkpoint, read_metadata
 from .data import Dataset, open_dataset
-from .evaluate import encode_captions, encode_images
-from .features import CACHE_DIR, save_atomic, table_for
+from .evaluate import encode_captions
+from .features import CACHE_DIR, RegionTable, photo_stat, table_for
+from .gallery_index import GalleryIndex, IndexCacheError, IndexProgress
+from .model import MAX_TOKENS
 from .photos import load_photo
 from .regions import PrecomputedSettings, RegionExtractor, Regions, region_names
 from .similarity import Alignment, align
 
 MAX_QUERY_CHARS = 2000
+MODEL_NAMES = {"hard": "CHAN", "soft": "SCAN", "global": "global"}  # by the similarity a model ranks with
+INDEX_CHUNK = 32  # photos per step of the gallery's indexing: the page's progress moves this often
+DEFAULT_GALLERY = Path(__file__).resolve().parents[1] / "assets" / "gallery"
 log = logging.getLogger(__name__)
 
 
@@ -83,61 +89,117 @@ def _file_digest(path: Path) -> str:
 
 
 class Gallery:
-    """A checkpoint plus a dataset of photos (and captions, if it has any), ready to query."""
+    """A checkpoint plus a dataset of photos (and captions, if it has any), ready to query.
 
-    def __init__(self, checkpoint: Path, dataset: Dataset, progress: bool = True):
+    The index is built in the constructor, or, with `index_now=False`, later by `index_in_background`
+    while queries already run on the photos indexed so far (`progress` says how far it has come).
+    """
+
+    def __init__(self, checkpoint: Path, dataset: Dataset, progress: bool = True, index_now: bool = True):
         self.model, self.settings, self.info = load_checkpoint(checkpoint)
+        self.checkpoint = Path(checkpoint)
+        self.name = self.checkpoint.name.removesuffix(".safetensors")
         self.dataset = dataset
-        self.table = table_for(dataset, self.settings, progress=progress)
-        self.photos = [p for p in dataset.photos if p.id in self.table.index]
-        self.photo_index = {p.id: i for i, p in enumerate(self.photos)}
-        by_photo = dataset.captions_by_photo()
-        self.first_caption = [by_photo[p.id][0] if by_photo[p.id] else "" for p in self.photos]
-        captions = [c for c in dataset.captions if c.photo_id in self.photo_index]
-        self.caption_texts = [c.text for c in captions]
-        self.caption_photo = torch.tensor([self.photo_index[c.photo_id] for c in captions], dtype=torch.long)
-        self.cache_path = CACHE_DIR / f"gallery-{self._index_key(Path(checkpoint), captions)}.safetensors"
-        self._load_or_build()
+        self.all_photos = {p.id: p for p in dataset.photos}
+        self.captions_by_photo = dataset.captions_by_photo()
+        # the hard scorer runs in bfloat16 over the gallery's regions and captions: half the memory
+        dtype = torch.bfloat16 if self.model.config.similarity == "hard" else torch.float32
+        self.index = GalleryIndex.empty(self.model.config.embed_dim, dtype)
+        self.table: RegionTable | None = None
+        self.progress = IndexProgress(total=len(dataset.photos))
+        self.cache_path = CACHE_DIR / f"gallery-{self._index_key(Path(checkpoint))}.safetensors"
+        self._show_bars = progress
         self._extractor: RegionExtractor | None = None
+        self._extractor_lock = threading.Lock()
+        if index_now:
+            self._build()
 
-    def _index_key(self, checkpoint: Path, captions: list) -> str:
-        """What the index is computed from: the checkpoint's bytes, each photo's id and region-cache stats, the captions."""
+    # what queries read: the current index (swapped whole as it grows)
+    photos = property(lambda self: self.index.photos)
+    photo_index = property(lambda self: self.index.photo_index)
+    regions = property(lambda self: self.index.regions)
+    region_mask = property(lambda self: self.index.region_mask)
+    first_caption = property(lambda self: self.index.first_caption)
+    caption_texts = property(lambda self: self.index.caption_texts)
+    caption_photo = property(lambda self: self.index.caption_photo)
+    caption_words = property(lambda self: self.index.caption_words)
+    caption_mask = property(lambda self: self.index.caption_mask)
+
+    @property
+    def model_name(self) -> str:
+        """The method that ranks: CHAN (hard alignment), SCAN (soft attention) or the global baseline."""
+        return MODEL_NAMES[self.model.config.similarity]
+
+    @property
+    def label(self) -> str:
+        return model_label(self.model.config.similarity, self.name)
+
+    def _index_key(self, checkpoint: Path) -> str:
+        """What the index is computed from: the checkpoint's bytes, each photo file's size and time, the captions."""
         h = hashlib.sha1(f"{_file_digest(checkpoint)}|{self.dataset.root.resolve()}".encode())
-        stats = self.table.photo_stats or {}
-        for p in self.photos:
-            h.update(f"{p.id}|{stats.get(p.id)}\n".encode())
-        for c in captions:
+        for p in self.dataset.photos:
+            h.update(f"{p.id}|{photo_stat(p.path) if p.path else None}\n".encode())
+        for split, path in sorted(self.dataset.features.items()):  # precomputed features
+            h.update(f"{split}|{photo_stat(path)}\n".encode())
+        for c in self.dataset.captions:
             h.update(f"{c.photo_id}\t{c.text}\n".encode())
         return h.hexdigest()[:16]
 
-    def _load_or_build(self) -> None:
-        t = None
+    def _build_logged(self) -> None:
+        try:
+            self._build()
+        except Exception as e:  # shown on the page; the photos indexed so far stay searchable
+            log.exception("indexing the gallery failed")
+            self.progress.failed = str(e)
+
+    def _build(self) -> None:
+        """Load the cached index, or encode every photo and caption (extracting regions as needed), then cache it."""
         if self.cache_path.exists():
             try:
-                t = load_file(str(self.cache_path))
-            except Exception as e:  # safetensors raises several types for a damaged file
-                log.warning("%s is damaged (%s); encoding the gallery again", self.cache_path, e)
-        if t is not None:
-            self.regions, lengths = t["regions"].float(), t["caption_lengths"]
-            flat = t["caption_words"].float()
-        else:
-            self.regions = encode_images(self.model, self.table, [p.id for p in self.photos]).embeddings
-            if self.caption_texts:
-                enc = encode_captions(self.model, self.caption_texts, progress=True)
-                lengths = enc.mask.sum(1)
-                flat = enc.embeddings[enc.mask]
+                self.index = GalleryIndex.load(self.cache_path, self.all_photos, self.captions_by_photo, self.index.regions.dtype)
+            except IndexCacheError as e:
+                log.warning("%s; encoding the gallery again", e)
             else:
-                lengths, flat = torch.zeros(0, dtype=torch.long), torch.zeros(0, self.regions.shape[-1])
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            save_atomic({"regions": self.regions.half(), "caption_lengths": lengths, "caption_words": flat.half()}, {},
-                        self.cache_path)
-        if self.model.config.similarity == "hard":  # the hard scorer runs in the gallery's dtype: half the memory
-            self.regions = self.regions.bfloat16()
-        L = int(lengths.max()) if len(lengths) else 1
-        self.caption_mask = torch.arange(L)[None] < lengths[:, None]
-        self.caption_words = torch.zeros(len(lengths), L, flat.shape[-1])
-        self.caption_words[self.caption_mask] = flat
-        self.region_mask = torch.ones(self.regions.shape[:2], dtype=torch.bool)
+                self.progress.done = len(self.index.photos)
+                self.progress.skipped = len(self.all_photos) - self.progress.done
+                self.progress.finished = True
+                self.table = table_for(self.dataset, self.settings, progress=self._show_bars)
+                return
+        table = table_for(self.dataset, self.settings, progress=self._show_bars, shard_size=INDEX_CHUNK,
+                          extractor=self.extractor, on_shard=self._add_shard)
+        rest = [p.id for p in self.dataset.photos if p.id in table.index and p.id not in self.index.photo_index]
+        for s in tqdm(range(0, len(rest), INDEX_CHUNK), desc="gallery", unit="chunk", disable=not self._show_bars or not rest):
+            rows = table.rows(rest[s : s + INDEX_CHUNK])
+            self._add(rest[s : s + INDEX_CHUNK], table.features[rows], None if table.maps is None else table.maps[rows])
+        self.table = table
+        self.progress.skipped = len(self.all_photos) - len(self.index.photos)
+        self.index.save(self.cache_path)
+        self.progress.finished = True
+
+    def _add_shard(self, ids: list[str], regions: list[Regions], skipped: int) -> None:
+        self.progress.skipped += skipped
+        if ids:
+            maps = None if regions[0].stage_map is None else torch.from_numpy(np.stack([r.stage_map for r in regions]))
+            self._add(ids, torch.from_numpy(np.stack([r.features for r in regions])).half(), maps)
+
+    @torch.no_grad()
+    def _add(self, ids: list[str], features: torch.Tensor, maps: torch.Tensor | None) -> None:
+        """Encode these photos (cached fp16 features) and their captions, then swap in the larger index."""
+        regions = self.model.encode_images(features, maps=maps)[0].half()
+        captions = [self.captions_by_photo[i] for i in ids]
+        texts = [t for caps in captions for t in caps]
+        if texts:
+            enc = encode_captions(self.model, texts)
+            words, mask = enc.embeddings.half().float(), enc.mask
+        else:
+            words, mask = torch.zeros(0, 1, regions.shape[-1]), torch.zeros(0, 1, dtype=torch.bool)
+        self.index = self.index.extended([self.all_photos[i] for i in ids], regions, captions, words, mask)
+        self.progress.done += len(ids)
+
+    def photo_path(self, photo_id: str) -> Path | None:
+        """The file of a gallery photo (indexed yet or not); None for an unknown id or precomputed features."""
+        photo = self.all_photos.get(photo_id)
+        return photo.path if photo else None
 
     @property
     def precomputed(self) -> bool:
@@ -145,9 +207,11 @@ class Gallery:
         return isinstance(self.settings, PrecomputedSettings)
 
     @property
-    def extractor(self) -> RegionExtractor:
-        if self._extractor is None:
-            self._extractor = RegionExtractor(self.settings)
+    def extractor(self) -> RegionExtractor | None:
+        """One extractor for uploads and indexing alike (None for precomputed features)."""
+        with self._extractor_lock:
+            if self._extractor is None and not self.precomputed:
+                self._extractor = RegionExtractor(self.settings)
         return self._extractor
 
     def _encode_query(self, text: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -176,24 +240,47 @@ class Gallery:
             notes.append(f"The query is long: only its first {MAX_TOKENS} tokens were used.")
         return notes
 
+    def _indexed(self) -> GalleryIndex:
+        """The index as it stands, refused while it holds no photo yet."""
+        index = self.index
+        if not index.photos:
+            if self.progress.failed or self.progress.finished:
+                raise QueryError("This gallery has no photo that could be read, so there is nothing to search.")
+            raise QueryError("No photo is indexed yet: indexing has just started. Try again in a few seconds.")
+        return index
+
+    def partial_note(self, index: GalleryIndex) -> list[str]:
+        """What a user must know when an answer covers only part of the gallery."""
+        if self.progress.finished or len(index.photos) >= len(self.all_photos):
+            return []
+        return [f"Indexing is still running: this covers the {len(index.photos):,} photos indexed so far, "
+                f"of {len(self.all_photos):,}."]
+
     def search_images(self, text: str, k: int = 12) -> tuple[list[Hit], list[str], float]:
         """Top-k photos for a caption; returns hits, notes about the query, and milliseconds taken."""
         start = time.perf_counter()
         emb, mask, words = self._encode_query(text)
+        index = self._indexed()
         with torch.no_grad():
-            scores = self.model.scores(self.regions, self.region_mask, emb, mask)[:, 0]
+            scores = self.model.scores(index.regions, index.region_mask, emb, mask)[:, 0]
         top = scores.topk(min(k, len(scores)))
         hits = [
-            Hit(r + 1, float(s), self.photos[i].id, str(self.photos[i].path or ""), self.first_caption[i])
+            Hit(r + 1, float(s), index.photos[i].id, str(index.photos[i].path or ""), index.first_caption[i])
             for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()))
         ]
-        return hits, self.query_notes(words, self._was_truncated(clean_text(text))), (time.perf_counter() - start) * 1000
+        notes = self.query_notes(words, self._was_truncated(clean_text(text))) + self.partial_note(index)
+        return hits, notes, (time.perf_counter() - start) * 1000
 
     def photo_regions(self, photo: str | Path | None = None, photo_id: str | None = None) -> Regions:
-        """Regions of a gallery photo (cached) or of any photo file (extracted now)."""
-        if photo_id and photo_id in self.table.index:
-            return self.table.regions(photo_id)
+        """Regions of a gallery photo (cached, or extracted now while indexing) or of any photo file (extracted now)."""
+        table = self.table
+        if photo_id and table is not None and photo_id in table.index:
+            return table.regions(photo_id)
+        if photo_id and self.photo_path(photo_id):
+            photo = self.photo_path(photo_id)
         if photo is None:
+            if photo_id in self.all_photos:  # precomputed features, still loading
+                raise QueryError("This gallery's features are still loading; try again in a few seconds.")
             if photo_id:
                 raise QueryError(f"No gallery photo has the id {photo_id[:100]!r}.")
             raise QueryError("Upload a photo or pick one from the gallery first.")
@@ -211,21 +298,23 @@ class Gallery:
                       limit: int = 20) -> list[RankedCaption]:
         """Gallery captions and your own, ranked for one photo's regions."""
         own = [clean_text(t) for t in (own or []) if t.strip()]
+        index = self.index
         image = self._region_embeddings(regions)[None]
         image_mask = torch.ones(image.shape[:2], dtype=torch.bool)
         with torch.no_grad():
-            gallery_scores = self.model.scores(image, image_mask, self.caption_words, self.caption_mask)[0] if self.caption_texts else torch.zeros(0)
+            gallery_scores = (self.model.scores(image, image_mask, index.caption_words, index.caption_mask)[0]
+                              if index.caption_texts else torch.zeros(0))
             own_scores = [torch.zeros(0)]
             for s in range(0, len(own), 32):  # bounded batches, whatever the count
                 emb, mask, _ = self.model.encode_texts(own[s : s + 32])
                 own_scores.append(self.model.scores(image, image_mask, emb, mask)[0])
             own_scores = torch.cat(own_scores)
-        target = self.photo_index.get(photo_id or "", -1)
+        target = index.photo_index.get(photo_id or "", -1)
         entries = [(float(s), own[i], "yours", False) for i, s in enumerate(own_scores.tolist())]
         top = gallery_scores.topk(min(limit, len(gallery_scores)))
         for s, j in zip(top.values.tolist(), top.indices.tolist()):
-            owner = int(self.caption_photo[j])
-            entries.append((s, self.caption_texts[j], self.photos[owner].id, owner == target))
+            owner = int(index.caption_photo[j])
+            entries.append((s, index.caption_texts[j], index.photos[owner].id, owner == target))
         entries.sort(key=lambda e: -e[0])
         return [RankedCaption(r + 1, *e) for r, e in enumerate(entries)]
 
@@ -239,7 +328,7 @@ class Gallery:
     def describe(self) -> str:
         info = self.info or {}
         dev = info.get("dev", {})
-        return (f"{len(self.photos)} photos, {len(self.caption_texts)} captions · model: "
+        return (f"{len(self.all_photos)} photos, {len(self.dataset.captions)} captions · model: "
                 f"{self.model.config.text_encoder} + {self.model.config.similarity} alignment"
                 + (f" · dev RSUM {dev['rsum']:.1f}" if "rsum" in dev else "")
                 + (f" · imported from {info['imported_from']}" if "imported_from" in info else "")
@@ -247,7 +336,51 @@ class Gallery:
 
 
 
-def open_gallery(folder: Path, checkpoint: Path, split: str | None = None, progress: bool = True) -> Gallery:
+def open_gallery(folder: Path, checkpoint: Path, split: str | None = None, progress: bool = True,
+                 index_now: bool = True) -> Gallery:
     """A dataset folder's split (default: test where there is one, else every photo) as a gallery."""
     dataset = open_dataset(folder)
-    return Gallery(checkpoint, dataset.split(split or dataset.default_split()), progress=progress)
+    return Gallery(checkpoint, dataset.split(split or dataset.default_split()), progress=progress, index_now=index_now)
+
+
+def model_label(similarity: str, name: str) -> str:
+    """How the page names a model: 'SCAN (scan-proposals-tuned)'."""
+    return f"{MODEL_NAMES[similarity]} ({name})"
+
+
+@dataclass
+class Comparison:
+    """A model shown beside the main one: named at once from its metadata, loaded and indexed after the main one."""
+
+    label: str
+    checkpoint: Path
+    gallery: Gallery | None = None
+
+    @classmethod
+    def of(cls, checkpoint: Path) -> "Comparison":
+        meta = read_metadata(checkpoint)  # refuses a missing or foreign file now, not in the background
+        return cls(model_label(meta["config"]["similarity"], Path(checkpoint).name.removesuffix(".safetensors")),
+                   Path(checkpoint))
+
+    @classmethod
+    def loaded(cls, gallery: Gallery) -> "Comparison":
+        return cls(gallery.label, gallery.checkpoint, gallery)
+
+
+def index_in_background(main: Gallery, comparisons: list[Comparison] = ()) -> threading.Thread:
+    """Index the main gallery in a thread, then load and index each comparison on the same photos: models that
+    share region settings then share one region extraction."""
+    def run() -> None:
+        main._build_logged()
+        for c in comparisons:
+            if c.gallery is None:
+                try:
+                    c.gallery = Gallery(c.checkpoint, main.dataset, progress=False, index_now=False)
+                except Exception:
+                    log.exception("loading %s failed", c.checkpoint)
+                    continue
+            c.gallery._build_logged()
+
+    thread = threading.Thread(target=run, name="gallery-index", daemon=True)
+    thread.start()
+    return thread

@@ -108,14 +108,15 @@ GRID_PLACES = {2: [["top left", "top right"], ["bottom left", "bottom right"]],
 
 
 def region_names(regions: Regions) -> list[str]:
-    """Names a person reads: 'dog 87%' for a detection, 'whole photo', '3x3 grid, top left' for a grid cell."""
+    """Names a person reads: 'dog 87%' for a detection ('dog? 0.4%' for a weak proposal: a box the detector
+    thinks holds something, with little idea what), 'whole photo', '3x3 grid, top left' for a grid cell."""
     if regions.boxes is None:  # precomputed features: whatever labels they came with (usually none)
         return list(regions.labels)
     unit = regions.features[:, BACKBONE_CHANNELS : BACKBONE_CHANNELS + 4]
     names = []
     for box, label, score, detected in zip(unit, regions.labels, regions.scores, regions.detected):
         if detected:
-            names.append(f"{label} {score:.0%}")
+            names.append(f"{label} {score:.0%}" if score >= 0.1 else f"{label}? {score:.1%}")
             continue
         n = max(1, round(1 / max(float(box[2] - box[0]), 1e-6)))
         if n == 1:

@@ -1,10 +1,12 @@
 """Shared fixtures: the real Flickr8k folder from ../shared, small subsets of it, one extractor."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 # Caches written by the tests go to a temporary folder, never into the project's cache/.
@@ -18,6 +20,18 @@ def flickr8k() -> Path:
     if not FLICKR8K.is_dir():
         pytest.fail(f"{FLICKR8K} is missing: the tests read the real Flickr8k from ../shared")
     return FLICKR8K
+
+
+def call_api(url: str, api: str, data: list) -> str:
+    """POST a raw call to the demo and read its result: the last output (our message), or gradio's error text."""
+    with httpx.Client(timeout=60) as client:
+        event = client.post(f"{url}/gradio_api/call/{api}", content=json.dumps({"data": data}),
+                            headers={"content-type": "application/json"})
+        assert event.status_code == 200, event.text
+        stream = client.get(f"{url}/gradio_api/call/{api}/{event.json()['event_id']}").text
+    kind = [line for line in stream.splitlines() if line.startswith("event:")][-1].split(":", 1)[1].strip()
+    payload = [line for line in stream.splitlines() if line.startswith("data:")][-1].split(":", 1)[1].strip()
+    return payload if kind == "error" else json.loads(payload)[-1]
 
 
 def make_flickr_subset(root: Path, src: Path, n_train: int, n_dev: int, n_test: int = 0) -> Path:

@@ -27,7 +27,7 @@ def _file(tmp_path, name, image, fmt="PNG"):
 def test_search_returns_ranked_photos(handlers, gallery):
     items, ids, status = handlers.search_images("a dog runs on the grass", 5)
     assert len(items) == 5 and len(ids) == 5
-    scores = [float(label.split(" · ")[1]) for _, label in items]
+    scores = [float(label.split(" · ")[1].removesuffix(" (CHAN)")) for _, label in items]
     assert scores == sorted(scores, reverse=True)
     assert items[0][1].startswith("#1 ·") and "ms" in status
     assert all(i in gallery.photo_index for i in ids)
@@ -147,7 +147,7 @@ def test_api_endpoints_through_gradio_client(gallery, tmp_path):
         rows, drawn, status = client.predict(handle_file(photo), "my own caption", "", api_name="/rank_captions")
         assert len(rows["data"]) == 21 and "ranked" in status
         *_, words, status = client.predict(handle_file(photo), "a dog", "", api_name="/align")
-        assert "CHAN score" in status and words == ["0:a", "1:dog"]  # content words only
+        assert "Hard-alignment score (CHAN)" in status and words == ["0:a", "1:dog"]  # content words only
         empty = client.predict("   ", 4, api_name="/search_images")
         assert "Type a caption" in empty[-1]
         not_an_image = tmp_path / "notes.png"

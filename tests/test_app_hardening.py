@@ -1,11 +1,10 @@
 """The demo as an attacker sees it: raw API calls with server paths, oversized input, odd values."""
-import json
-
 import httpx
 import pytest
 
 from app.handlers import MAX_OWN_CAPTIONS, NOT_AN_UPLOAD, Handlers
 from chan.checkpoint import DEFAULT_CHECKPOINT
+from tests.conftest import call_api as _call
 
 
 @pytest.fixture(scope="module")
@@ -16,18 +15,6 @@ def server(gallery):
     launch(demo, gallery, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     yield demo.local_url.rstrip("/")
     demo.close()
-
-
-def _call(url: str, api: str, data: list) -> str:
-    """POST a raw call and read its result: the last output (our message), or gradio's error text."""
-    with httpx.Client(timeout=60) as client:
-        event = client.post(f"{url}/gradio_api/call/{api}", content=json.dumps({"data": data}),
-                            headers={"content-type": "application/json"})
-        assert event.status_code == 200, event.text
-        stream = client.get(f"{url}/gradio_api/call/{api}/{event.json()['event_id']}").text
-    kind = [line for line in stream.splitlines() if line.startswith("event:")][-1].split(":", 1)[1].strip()
-    payload = [line for line in stream.splitlines() if line.startswith("data:")][-1].split(":", 1)[1].strip()
-    return payload if kind == "error" else json.loads(payload)[-1]
 
 
 SERVER_FILE = str(DEFAULT_CHECKPOINT.with_suffix(".png"))

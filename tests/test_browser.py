@@ -19,8 +19,10 @@ def served(gallery):
             pytest.fail("chromium is missing in CI: .ci/run must apt-get install it")
         pytest.skip("no chromium on this machine (apt-get install chromium)")
     from app.ui import build_demo, launch
+    from chan.checkpoint import DEFAULT_COMPARISON
+    from chan.gallery import Comparison, Gallery
 
-    demo = build_demo(gallery)
+    demo = build_demo(gallery, [Comparison.loaded(Gallery(DEFAULT_COMPARISON, gallery.dataset, progress=False))])
     launch(demo, gallery, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     yield demo.local_url, gallery
     demo.close()
@@ -45,12 +47,15 @@ def test_search_inspect_and_rank_in_a_browser(served):
         assert page.locator("#results img").count() >= 12
         expect(page.locator("#search-status")).to_contain_text("ms")
         assert "q=a+dog" in page.url or "q=a%20dog" in page.url
+        # side by side: the SCAN twin's top-k for the same query, each photo marked against CHAN's rank
+        expect(page.locator("#compare-results img").first).to_be_visible(timeout=60_000)
+        expect(page.locator("#compare-status")).to_contain_text("SCAN")
         page.screenshot(path=ARTIFACTS / "search.png", full_page=True)
 
         page.locator("#results img").first.click()
         expect(page.locator("#hard-plot .plotly").first).to_be_visible(timeout=60_000)
         expect(page.locator("#soft-plot .plotly").first).to_be_visible(timeout=60_000)
-        expect(page.locator("#inspect-status")).to_contain_text("CHAN score")
+        expect(page.locator("#inspect-status")).to_contain_text("Hard-alignment score (CHAN)")
         page.screenshot(path=ARTIFACTS / "inspector.png", full_page=True)
 
         page.get_by_role("tab", name="Image → captions").click()

@@ -1,0 +1,146 @@
+"""What a gallery query reads: the photos indexed so far with their region and caption embeddings.
+
+An index is immutable: indexing in the background builds a larger one and swaps it in whole, so
+a query always sees one consistent set of photos. The finished index is cached on disk.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from .data import Photo
+from .features import save_atomic
+
+FORMAT = "chan-gallery-2"
+
+
+class IndexCacheError(ValueError):
+    """A cached index that cannot be used: foreign, damaged or for other photos."""
+
+
+@dataclass(frozen=True)
+class GalleryIndex:
+    photos: tuple[Photo, ...]
+    regions: torch.Tensor  # (N, K, D), in the dtype the scorer runs in
+    first_caption: tuple[str, ...]  # each photo's first caption ("" if it has none)
+    caption_texts: tuple[str, ...]  # every caption of the indexed photos, photo by photo
+    caption_photo: torch.Tensor  # (M,) the photo (row of `photos`) each caption describes
+    caption_words: torch.Tensor  # (M, L, D) zero-padded, in the regions' dtype
+    caption_mask: torch.Tensor  # (M, L)
+
+    @classmethod
+    def empty(cls, dim: int, dtype: torch.dtype) -> "GalleryIndex":
+        return cls((), torch.zeros(0, 1, dim, dtype=dtype), (), (), torch.zeros(0, dtype=torch.long),
+                   torch.zeros(0, 1, dim, dtype=dtype), torch.zeros(0, 1, dtype=torch.bool))
+
+    @cached_property
+    def photo_index(self) -> dict[str, int]:
+        return {p.id: i for i, p in enumerate(self.photos)}
+
+    @cached_property
+    def region_mask(self) -> torch.Tensor:
+        return torch.ones(self.regions.shape[:2], dtype=torch.bool)
+
+    def extended(self, photos: list[Photo], regions: torch.Tensor, captions: list[list[str]],
+                 words: torch.Tensor, mask: torch.Tensor) -> "GalleryIndex":
+        """This index plus `photos`: their region embeddings, their captions (one list a photo) and those captions'
+        word embeddings and mask, in order."""
+        texts = [t for caps in captions for t in caps]
+        words, mask = _packed(words[: len(texts)], mask[: len(texts)])
+        owner = [len(self.photos) + i for i, caps in enumerate(captions) for _ in caps]
+        L = max(self.caption_words.shape[1], words.shape[1] if len(texts) else 1)
+        pad = lambda t, extra=(): F.pad(t, (*extra, 0, L - t.shape[1]))  # noqa: E731
+        dtype = self.regions.dtype
+        before = self.regions if len(self.photos) else regions.new_zeros((0, *regions.shape[1:]), dtype=dtype)
+        return GalleryIndex(
+            self.photos + tuple(photos),
+            torch.cat([before, regions.to(dtype)]),
+            self.first_caption + tuple(caps[0] if caps else "" for caps in captions),
+            self.caption_texts + tuple(texts),
+            torch.cat([self.caption_photo, torch.tensor(owner, dtype=torch.long)]),
+            torch.cat([pad(self.caption_words, (0, 0)), pad(words.to(dtype), (0, 0))]),
+            torch.cat([pad(self.caption_mask), pad(mask)]),
+        )
+
+    def save(self, path: Path) -> None:
+        lengths = self.caption_mask.sum(1)
+        tensors = {"regions": self.regions.half(), "caption_lengths": lengths,
+                   "caption_words": self.caption_words[self.caption_mask].half()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(tensors, {"format": FORMAT, "photo_ids": json.dumps([p.id for p in self.photos])}, path)
+
+    @classmethod
+    def load(cls, path: Path, photos: dict[str, Photo], captions_by_photo: dict[str, list[str]],
+             dtype: torch.dtype) -> "GalleryIndex":
+        """The index cached at `path`, over these photos and captions (its key vouches that they are the ones it was built from)."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise IndexCacheError(f"{path}: damaged ({e})") from e
+        if meta.get("format") != FORMAT:
+            raise IndexCacheError(f"{path}: not a gallery index of this version (format {meta.get('format')!r})")
+        ids = json.loads(meta["photo_ids"])
+        if any(i not in photos for i in ids) or len(ids) != len(t["regions"]):
+            raise IndexCacheError(f"{path}: made for other photos")
+        captions = [captions_by_photo[i] for i in ids]
+        lengths = t["caption_lengths"]
+        if sum(map(len, captions)) != len(lengths) or int(lengths.sum()) != len(t["caption_words"]):
+            raise IndexCacheError(f"{path}: made for other captions")
+        L = int(lengths.max()) if len(lengths) else 1
+        mask = torch.arange(L)[None] < lengths[:, None]
+        words = torch.zeros(len(lengths), L, t["caption_words"].shape[-1])
+        words[mask] = t["caption_words"].float()
+        regions = t["regions"].to(dtype) if dtype != torch.float32 else t["regions"].float()
+        return cls.empty(regions.shape[-1], dtype).extended([photos[i] for i in ids], regions, captions, words, mask)
+
+
+def _packed(words: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each caption's pooled words moved to the front (the mask need not be a prefix: [CLS] may be left out)."""
+    lengths = mask.sum(1)
+    L = max(int(lengths.max()) if len(lengths) else 1, 1)
+    prefix = torch.arange(L)[None] < lengths[:, None]
+    packed = words.new_zeros(len(words), L, words.shape[-1])
+    packed[prefix] = words[mask]
+    return packed, prefix
+
+
+@dataclass
+class IndexProgress:
+    """How far the background indexing has come; read by the page while it grows."""
+
+    total: int
+    done: int = 0
+    skipped: int = 0  # photos that could not be read: left out, counted, never fatal
+    finished: bool = False
+    failed: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def eta_s(self) -> float | None:
+        elapsed = time.monotonic() - self.started
+        if self.finished or self.done < 1 or elapsed <= 0:
+            return None
+        return max(0.0, (self.total - self.done - self.skipped) * elapsed / self.done)
+
+    def describe(self) -> str:
+        skipped = f" · {self.skipped} unreadable photos skipped" if self.skipped else ""
+        if self.failed:
+            return f"⚠️ Indexing stopped: {self.failed}. Search covers the {self.done:,} photos indexed before that{skipped}."
+        if self.finished:
+            return f"Gallery indexed: {self.done:,} photos{skipped}."
+        eta = self.eta_s()
+        left = "estimating the time left" if eta is None else f"about {_duration(eta)} left"
+        return (f"Indexing the gallery: {self.done:,} of {self.total:,} photos ({left}){skipped}. "
+                "Search and the inspector work on the photos indexed so far.")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"

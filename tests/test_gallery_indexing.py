@@ -1,0 +1,87 @@
+"""A gallery indexed in the background answers on the photos it has, says so, skips unreadable photos,
+and ends equal to a gallery built at once; a second model can be compared side by side."""
+import threading
+
+import pytest
+
+from app.handlers import Handlers, rank_change
+from chan.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_COMPARISON
+from chan.data import open_dataset
+from chan.gallery import INDEX_CHUNK, Comparison, Gallery, QueryError, index_in_background
+from chan.photos import PhotoError
+from tests.conftest import make_flickr_subset
+
+QUERY = "a dog runs on the grass"
+
+
+def test_search_runs_on_the_photos_indexed_so_far_and_ends_equal_to_a_full_build(gallery, tmp_path):
+    g = Gallery(DEFAULT_CHECKPOINT, gallery.dataset, progress=False, index_now=False)
+    g.cache_path = tmp_path / "index.safetensors"  # not the fixture's cached index: build it again
+    with pytest.raises(QueryError, match="No photo is indexed yet"):
+        g.search_images(QUERY)
+    first_chunk, resume = threading.Event(), threading.Event()
+    add = g._add
+
+    def add_then_pause(*args):
+        add(*args)
+        if not first_chunk.is_set():
+            first_chunk.set()
+            resume.wait(60)
+
+    g._add = add_then_pause
+    thread = index_in_background(g)
+    assert first_chunk.wait(120)
+    hits, notes, _ = g.search_images(QUERY, 5)
+    indexed = {p.id for p in g.photos}
+    assert len(indexed) == INDEX_CHUNK < len(gallery.photos)
+    assert {h.photo_id for h in hits} <= indexed
+    assert f"the {INDEX_CHUNK} photos indexed so far, of {len(gallery.photos)}" in notes[-1]
+    assert f"{INDEX_CHUNK} of {len(gallery.photos)} photos" in g.progress.describe()
+    resume.set()
+    thread.join(120)
+    assert g.progress.finished and g.cache_path.is_file()
+    hits, notes, _ = g.search_images(QUERY, 10)
+    expected, _, _ = gallery.search_images(QUERY, 10)
+    assert not any("indexed so far" in n for n in notes)
+    assert [h.photo_id for h in hits] == [h.photo_id for h in expected]
+    assert [h.score for h in hits] == pytest.approx([h.score for h in expected], abs=1e-3)
+
+
+def test_unreadable_photos_are_skipped_and_counted(tmp_path, flickr8k):
+    root = make_flickr_subset(tmp_path / "f", flickr8k, 0, 0, 4)
+    broken = sorted((root / "Flicker8k_Dataset").iterdir())[1]
+    broken.unlink()
+    broken.write_bytes(b"not a jpeg at all")
+    g = Gallery(DEFAULT_CHECKPOINT, open_dataset(root).split("test"), progress=False)
+    assert g.progress.finished and g.progress.skipped == 1 and len(g.photos) == 3
+    assert "1 unreadable photos skipped" in g.progress.describe()
+    assert len(g.search_images(QUERY, 10)[0]) == 3
+    with pytest.raises(PhotoError, match="not an image"):  # the handlers show it as a message
+        g.photo_regions(photo_id=broken.name)
+
+
+def test_rank_change_marks():
+    assert rank_change(1, 1, "CHAN", 12) == "= CHAN"
+    assert rank_change(2, 5, "CHAN", 12) == "▲3 (CHAN #5)"
+    assert rank_change(6, 1, "CHAN", 12) == "▼5 (CHAN #1)"
+    assert rank_change(3, None, "CHAN", 12) == "not in CHAN's top 12"
+
+
+def test_a_second_model_is_compared_side_by_side(gallery):
+    scan = Gallery(DEFAULT_COMPARISON, gallery.dataset, progress=False)
+    assert scan.model_name == "SCAN" and gallery.model_name == "CHAN"
+    h = Handlers(gallery, comparisons=[Comparison.loaded(scan)])
+    main_items, main_ids, _ = h.search_images(QUERY, 8)
+    items, status = h.compare_images(QUERY, 8, scan.label)
+    assert len(items) == 8 and "SCAN" in status and "soft attention" in status
+    scan_ids = [hit.photo_id for hit in scan.search_images(QUERY, 8)[0]]
+    for rank, ((_, label), pid) in enumerate(zip(items, scan_ids), 1):
+        main_rank = main_ids.index(pid) + 1 if pid in main_ids else None
+        assert label.startswith(f"#{rank} {rank_change(rank, main_rank, 'CHAN', 8)} · ") and label.endswith(" (SCAN)")
+    assert all(" (CHAN) · " in label for _, label in main_items)
+    assert h.compare_images(QUERY, 8, "none") == ([], "")
+    assert "Choose a model to compare with" in h.compare_images(QUERY, 8, "../etc/passwd")[-1]
+    pending = Comparison.of(DEFAULT_COMPARISON)  # named from its metadata, not loaded yet (the main index comes first)
+    assert pending.label == scan.label and pending.gallery is None
+    waiting = Handlers(gallery, comparisons=[pending])
+    assert "loaded after the main model's gallery is indexed" in waiting.compare_images(QUERY, 8, pending.label)[-1]
