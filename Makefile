@@ -1,9 +1,9 @@
-# make demo: launch the app; make test: the whole test suite. Both create .venv on first use.
+# make demo: launch the app; make test: the linter, then the whole test suite. Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) app.py
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 clean-venv:

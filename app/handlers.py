@@ -9,7 +9,9 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import plotly.graph_objects as go
 from gradio.utils import get_upload_folder
 from PIL import Image
 
@@ -22,8 +24,35 @@ from . import figures
 log = logging.getLogger(__name__)
 
 
-def friendly(n_outputs: int):
-    """Wrap a handler so that bad input (or a bug) becomes a message in its last output."""
+class SearchResult(NamedTuple):
+    items: list | None  # (photo or placeholder card, label) pairs for a gr.Gallery
+    photo_ids: list[str] | None
+    status: str
+
+
+class CompareResult(NamedTuple):
+    items: list | None
+    status: str
+
+
+class RankResult(NamedTuple):
+    rows: list[list] | None  # rank, score, caption, source
+    drawn: Image.Image | None  # the photo with its detected regions
+    status: str
+
+
+class AlignResult(NamedTuple):
+    hard: go.Figure | None
+    soft: go.Figure | None
+    contributions: go.Figure | None
+    drawn: Image.Image | None
+    words: list[str] | None  # the rows' names, for the word picker
+    state: Inspection | None
+    status: str
+
+
+def friendly(result: type[NamedTuple]):
+    """Wrap a handler so that bad input (or a bug) becomes a `result` holding only the message, in its status."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -35,7 +64,7 @@ def friendly(n_outputs: int):
             except Exception:  # a bug must not kill the server or show a traceback
                 log.exception("handler %s failed", fn.__name__)
                 message = "⚠️ Something went wrong on our side while handling that; the error was logged."
-            return (*([None] * (n_outputs - 1)), message)
+            return result(*([None] * (len(result._fields) - 1)), message)
 
         return inner
 
@@ -136,7 +165,7 @@ class Handlers:
     def _scored_by(gallery: Gallery) -> str:
         return f"scores: {gallery.label}, {SIMILARITY_NAMES[gallery.model.config.similarity]}"
 
-    @friendly(3)
+    @friendly(SearchResult)
     def search_images(self, query: str, k: float = 12):
         """Caption -> the top-k gallery photos with rank and score."""
         g = self.gallery
@@ -144,13 +173,13 @@ class Handlers:
         items = [(h.path or figures.placeholder(h.photo_id, h.caption), f"#{h.rank} · {h.score:.3f} ({g.model_name}) · {h.caption}")
                  for h in hits]
         status = f"Top {len(hits)} of {len(g.photos)} photos in {ms:.0f} ms · {self._scored_by(g)}."
-        return items, [h.photo_id for h in hits], "  \n".join([status] + [f"⚠️ {n}" for n in notes])
+        return SearchResult(items, [h.photo_id for h in hits], "  \n".join([status] + [f"⚠️ {n}" for n in notes]))
 
-    @friendly(2)
+    @friendly(CompareResult)
     def compare_images(self, query: str, k: float = 12, label: str = NO_COMPARISON):
         """The same search by another model, each photo marked with its rank change against the main model's."""
         if label in (None, "", NO_COMPARISON):
-            return [], ""
+            return CompareResult([], "")
         comparison = self.comparisons.get(label) if isinstance(label, str) else None
         if comparison is None:
             raise QueryError(f"Choose a model to compare with: {', '.join(self.comparisons) or 'none is loaded'}.")
@@ -166,9 +195,9 @@ class Handlers:
                  for h in hits]
         status = (f"Top {len(hits)} of {len(other.photos)} photos in {ms:.0f} ms · {self._scored_by(other)}. "
                   f"Marks: this photo's rank by {main} (▲ {other.model_name} ranks it higher, ▼ lower).")
-        return items, "  \n".join([status] + [f"⚠️ {n}" for n in notes])
+        return CompareResult(items, "  \n".join([status] + [f"⚠️ {n}" for n in notes]))
 
-    @friendly(3)
+    @friendly(RankResult)
     def rank_captions(self, image_path: str | dict | None, own_captions: str = "", photo_id: str = ""):
         """Photo -> gallery captions and your own, ranked; the photo with its regions drawn."""
         image_path, photo_id = self.upload_path(image_path), photo_id_text(photo_id)
@@ -194,7 +223,7 @@ class Handlers:
         if own:
             status += f" Yours: {', '.join(f'#{r.rank}' for r in ranked if r.source == 'yours')}."
         status = "  \n".join([status] + [f"⚠️ {n}" for n in self.gallery.partial_note(self.gallery.index)])
-        return rows, drawn, status
+        return RankResult(rows, drawn, status)
 
     def _photo(self, image_path: str | None, photo_id: str | None) -> Image.Image | None:
         if photo_id and photo_id in self.gallery.all_photos:
@@ -202,7 +231,7 @@ class Handlers:
             return load_photo(path) if path else None
         return load_photo(image_path) if image_path else None
 
-    @friendly(7)
+    @friendly(AlignResult)
     def align(self, image_path: str | dict | None, caption: str, photo_id: str = ""):
         """Pair -> hard-alignment heatmap, soft-attention heatmap, contributions, boxes, word choices."""
         image_path, photo_id = self.upload_path(image_path), photo_id_text(photo_id)
@@ -221,7 +250,7 @@ class Handlers:
             status += ("  \nThis gallery holds precomputed region features (the authors' bottom-up-attention files) "
                        f"without photos or boxes, so regions are named by index (r0–r{len(pair.region_labels) - 1}) "
                        "and none can be drawn.")
-        return (
+        return AlignResult(
             figures.hard_alignment_heatmap(a.cosine, a.chosen, pair.words, pair.region_labels, pair.boxes, size),
             figures.soft_attention_heatmap(a.soft_attention, pair.words, pair.region_labels, pair.boxes, size),
             figures.contribution_bars(a.contributions, pair.words),

@@ -101,8 +101,8 @@ def build_demo(gallery: Gallery, comparisons: list[Comparison] = ()) -> gr.Block
                     with gr.Column():
                         rank_status = gr.Markdown(elem_id="rank-status")
                         regions_image = gr.Image(label="Detected regions", interactive=False)
-                ranked = gr.Dataframe(headers=["rank", "score", "caption (★ = written for this photo)", "source"],
-                                      label="Ranked captions", elem_id="ranked", wrap=True)
+                ranked = gr.Dataframe(headers=["rank", f"score ({gallery.label})", "caption (★ = written for this photo)",
+                                               "source"], label="Ranked captions", elem_id="ranked", wrap=True)
                 rank_photo_id = gr.Textbox(visible=False)
             with gr.Tab("Alignment inspector", id="inspect"):
                 with gr.Row():
@@ -150,8 +150,8 @@ def build_demo(gallery: Gallery, comparisons: list[Comparison] = ()) -> gr.Block
         align_outputs = [hard_plot, soft_plot, contrib_plot, aligned_image, word, inspection, inspect_status]
 
         def align_and_list_words(*args):
-            *out, words, state, status = h.align(*args)
-            return (*out, gr.Radio(choices=words or [], value=None), state, status)
+            r = h.align(*args)
+            return r.hard, r.soft, r.contributions, r.drawn, gr.Radio(choices=r.words or [], value=None), r.state, r.status
 
         results.select(open_hit, [hit_ids, query], [inspect_image, inspect_photo_id, inspect_caption, tabs],
                        api_visibility="private").then(align_and_list_words, align_inputs, align_outputs,
@@ -166,8 +166,8 @@ def build_demo(gallery: Gallery, comparisons: list[Comparison] = ()) -> gr.Block
         align_words = gr.JSON(visible=False)
 
         def api_align(*args):
-            *figs, words, _state, status = h.align(*args)
-            return (*figs, words, status)
+            r = h.align(*args)
+            return r.hard, r.soft, r.contributions, r.drawn, r.words, r.status
 
         gr.Button(visible=False).click(api_align, align_inputs,
                                        [hard_plot, soft_plot, contrib_plot, aligned_image, align_words, inspect_status],

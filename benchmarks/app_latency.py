@@ -19,6 +19,7 @@ from app.handlers import Handlers  # noqa: E402
 from benchmarks.run import median_seconds  # noqa: E402
 from chan.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from chan.gallery import DEFAULT_GALLERY, open_gallery  # noqa: E402
+
 QUERIES = ["a black dog runs through the snow", "two children play on the beach", "a man rides a bike",
            "a girl in a pink dress", "people walk down a busy city street"]
 TARGETS_MS = {"caption -> images": 100, "image -> captions (upload)": 1000, "inspector (gallery photo)": 300,

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chan.similarity import hard_scores, soft_scores  # noqa: E402
-
-from chan.data import DEFAULT_DATA  # noqa: E402
+from chan.data import DEFAULT_DATA
+from chan.similarity import hard_scores, soft_scores
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -115,7 +114,7 @@ def bench_scale(sizes: list[int], K: int, L: int, D: int, repeats: int) -> list[
             name = str(dtype).split(".")[-1]
             out.append({"photos": n, "dtype": name, "ms": after * 1000, "ms_before": before * 1000, "kb_per_photo": per_photo_kb})
             rows.append([n, name, before * 1000, after * 1000, per_photo_kb])
-            del images
+            images = q = None  # free this gallery before the next one is made
     table(f"3. Caption -> images, exact search, one caption (K={K}, L={L}, D={D}); goal at 100k: <= 1000 ms, <= 40 KB/photo",
           ["photos", "dtype", "ms before", "ms after", "KB per photo"], rows)
     return out
@@ -153,7 +152,8 @@ def bench_evaluation(data: Path) -> dict:
     """The full 1K-test evaluation end to end from cached regions, and the same scores from a bf16 gallery."""
     from chan.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
     from chan.data import open_dataset
-    from chan.evaluate import encode_captions, encode_images, protocol_pairs
+    from chan.encoding import encode_captions, encode_table
+    from chan.evaluate import protocol_pairs
     from chan.features import table_for
     from chan.metrics import recall_metrics
 
@@ -164,7 +164,7 @@ def bench_evaluation(data: Path) -> dict:
     loaded = time.perf_counter()
     with torch.no_grad():
         ids, texts, owner = protocol_pairs(test)
-        images = encode_images(model, features, ids)
+        images = encode_table(model, features, ids)
         captions = encode_captions(model, texts)
         encoded = time.perf_counter()
         scores = model.scores(images.embeddings, images.mask, captions.embeddings, captions.mask)

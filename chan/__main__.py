@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from .data import DEFAULT_DATA
+from .similarity import POOLINGS, SCORERS
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -18,7 +20,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_extract(args: argparse.Namespace) -> None:
     from .data import open_dataset
     from .features import extract
-    from .regions import LEGACY, RegionSettings
+    from .region_settings import LEGACY, RegionSettings
 
     dataset = open_dataset(args.data).split(args.split)
     legacy = LEGACY if args.proposals == "legacy" else {}
@@ -35,8 +37,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_command
-
     evaluate_command(args.checkpoint, args.data, args.split, args.json, args.similarity)
 
 
@@ -47,8 +47,6 @@ def _cmd_alignments(args: argparse.Namespace) -> None:
 
 
 def _cmd_table(args: argparse.Namespace) -> None:
-    from .evaluate import table_command
-
     table_command(args.checkpoints, args.data, args.split)
 
 
@@ -60,6 +58,59 @@ def _cmd_import_official(args: argparse.Namespace) -> None:
     print(f"{args.out}: CHAN {c.text_encoder} ({c.pooling} pooling, D={c.embed_dim}, {c.feature_dim}-d precomputed regions"
           f"{', region self-attention' if c.self_attention else ''}). Evaluate it with:\n"
           f"  python -m chan evaluate --checkpoint {args.out} --data DIR_WITH_test_ims.npy --split test")
+
+
+def evaluate_command(checkpoints: list[Path] | None, data: Path, split: str | None, json_path: Path | None,
+                     similarity: str | None = None) -> dict:
+    """Evaluate a checkpoint (default: the app's), or the mean score of several (an ensemble).
+
+    A split of 5,000 photos (COCO 5K) is also reported with the 5-fold 1K protocol (keys `fold5_*`).
+    """
+    from .checkpoint import DEFAULT_CHECKPOINT
+    from .evaluate import COCO_5K, ensemble_scores, open_split
+    from .metrics import fold_metrics, format_metrics, recall_metrics
+
+    dataset, split = open_split(data, split)
+    checkpoints = checkpoints or [DEFAULT_CHECKPOINT]
+    scores, owner = ensemble_scores(checkpoints, dataset, similarity)
+    metrics = recall_metrics(scores, owner)
+    print(f"{scores.shape[0]} photos, {scores.shape[1]} captions, split {split or '(all photos)'}"
+          + (f", mean score of {len(checkpoints)} models" if len(checkpoints) > 1 else ""))
+    if scores.shape[0] == COCO_5K:
+        fold = fold_metrics(scores, owner)
+        print("5-fold 1K (mean of the folds): " + format_metrics(fold))
+        print("full 5K: " + format_metrics(metrics))
+        metrics.update({f"fold5_{k}": v for k, v in fold.items()})
+    else:
+        print(format_metrics(metrics))
+    if json_path:
+        Path(json_path).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def table_command(rows: list[str], data: Path, split: str | None) -> str:
+    """A markdown accuracy table, one row per checkpoint (its file name and model description).
+
+    A row written `a.safetensors+b.safetensors` scores the mean of those checkpoints (an ensemble).
+    """
+    from .checkpoint import read_metadata
+    from .evaluate import ensemble_scores, open_split
+    from .metrics import recall_metrics
+
+    dataset, split = open_split(data, split)
+    lines = ["| model | similarity | text | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        paths = [Path(p) for p in row.split("+")]
+        configs = [read_metadata(p)["config"] for p in paths]
+        m = recall_metrics(*ensemble_scores(paths, dataset))
+        cells = [m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+        similarity = " + ".join(f"{c['similarity']} ({c['pooling']})" for c in configs)
+        lines.append(f"| {' + '.join(p.stem for p in paths)} | {similarity} | {' + '.join(c['text_encoder'] for c in configs)} | "
+                     + " | ".join(f"{c:.1f}" for c in cells) + f" | {m['rsum']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    return table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset with train and dev splits (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint path (.safetensors); resumes if its run state exists")
     p.add_argument("--text-encoder", choices=["bert", "bigru"], default=d.text_encoder)
-    p.add_argument("--similarity", choices=["hard", "soft", "global"], default=d.similarity,
+    p.add_argument("--similarity", choices=list(SCORERS), default=d.similarity,
                    help="hard: CHAN; soft: SCAN t2i attention; global: pooled-vector baseline (default: %(default)s)")
-    p.add_argument("--pooling", choices=["mean", "lse"], default=None, help="word pooling (default: mean for bert, lse for bigru)")
+    p.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="word pooling (default: mean for bert, lse for bigru; lse_raw: the authors' unscaled log-sum-exp)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
@@ -127,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: test where the dataset has one, else every photo; a 5,000-photo split (COCO testall) "
                         "is also reported with the 5-fold 1K protocol")
     p.add_argument("--json", type=Path, default=None, help="also write the metrics as flat JSON")
-    p.add_argument("--similarity", choices=["hard", "soft", "global"], default=None,
+    p.add_argument("--similarity", choices=list(SCORERS), default=None,
                    help="score with this similarity instead of the one the model was trained with")
     p.set_defaults(func=_cmd_evaluate)
 

@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from . import store
 from .model import CHAN, ModelConfig, base_model_provenance
-from .regions import PrecomputedSettings, RegionSettings, settings_from_key
+from .region_settings import PrecomputedSettings, RegionSettings, settings_from_key
 
 FORMAT = "chan-checkpoint-1"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "chan-bert-flickr8k.safetensors"
@@ -22,57 +21,42 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "chan
 DEFAULT_COMPARISON = Path(__file__).resolve().parents[1] / "runs" / "scan-proposals-tuned.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(store.StoreError):
     """A file that is not a usable CHAN checkpoint."""
 
 
-def save_checkpoint(model: CHAN, regions: RegionSettings | PrecomputedSettings, path: Path, info: dict | None = None,
+def save_checkpoint(model: CHAN, region_settings: RegionSettings | PrecomputedSettings, path: Path, info: dict | None = None,
                     dtype: torch.dtype = torch.float16) -> None:
     """Write the trainable tensors (fp16 by default; imports keep fp32 to reproduce scores exactly)."""
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.trainable_state().items()}
     meta = {
-        "format": FORMAT,
         "config": json.dumps(model.describe()),
-        "regions": regions.key(),
+        "regions": region_settings.key(),
         "base_model": json.dumps(base_model_provenance(model.config)),
         "info": json.dumps(info or {}),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    store.write(path, tensors, meta, FORMAT)
+
+
+def _parsed(meta: dict[str, str]) -> dict:
+    return {k: json.loads(meta[k]) if k != "regions" else meta[k] for k in ("config", "regions", "base_model", "info")}
 
 
 def read_metadata(path: Path) -> dict:
     """The JSON metadata of a checkpoint (config, regions, base_model, info), without building the model."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises several types for a damaged header
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a CHAN checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
-    return {k: json.loads(meta[k]) if k != "regions" else meta[k] for k in ("config", "regions", "base_model", "info")}
+    return _parsed(store.read(path, FORMAT, "CHAN checkpoint", tensors=False, error=CheckpointError)[1])
 
 
 def load_checkpoint(path: Path) -> tuple[CHAN, RegionSettings | PrecomputedSettings, dict]:
     """Rebuild the model on CPU; returns (model in eval mode, region settings, training info)."""
-    meta = read_metadata(path)
+    tensors, meta = store.read(path, FORMAT, "CHAN checkpoint", error=CheckpointError)  # opened once
+    meta = _parsed(meta)
     config = ModelConfig(**meta["config"])
     regions = settings_from_key(meta["regions"])
     try:
         model = CHAN(config)
     except OSError as e:  # transformers could not find the base text model
         raise CheckpointError(f"{path}: its base text model {config.bert_model!r} could not be loaded ({e})") from e
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"{path}: tensor data is damaged ({e})") from e
     expected = set(model.trainable_state())
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)

@@ -12,10 +12,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 # The Flickr8k copy beside the project root (../shared), the default dataset of every command.
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
+CAPTIONS_PER_PHOTO = 5  # Flickr and COCO: the protocol scores each photo's first 5 captions
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 LAYOUTS = (
     "Flickr8k (Flickr8k_text/Flickr8k.token.txt + split lists + Flicker8k_Dataset/)",
@@ -182,6 +185,51 @@ def _read_folder(root: Path) -> Dataset:
     return Dataset(root, "folder", photos, [], Counter())
 
 
+def _feature_shape(path: Path) -> tuple[int, ...]:
+    try:
+        return np.load(path, mmap_mode="r").shape
+    except (ValueError, OSError) as e:
+        raise DatasetError(f"{path}: not a readable .npy array ({e})") from e
+
+
+def row_step(rows: int, captions: int, path: Path) -> int:
+    """1 when there is one row per image, 5 when each image's row is repeated for each caption."""
+    if captions == CAPTIONS_PER_PHOTO * rows:
+        return 1
+    if captions == rows and rows % CAPTIONS_PER_PHOTO == 0:
+        return CAPTIONS_PER_PHOTO
+    raise DatasetError(f"{path}: {rows} feature rows for {captions} captions; expected {CAPTIONS_PER_PHOTO} captions "
+                       "per image (or one repeated row per caption)")
+
+
+def _read_precomputed(root: Path) -> Dataset:
+    """The layout SCAN and CHAN release: `<split>_ims.npy` (N, K, F) float32 and `<split>_caps.txt`, 5 captions an
+    image in image order (some copies repeat each row once per caption: read as one photo per 5 rows, as the
+    authors' loader does). Every split with both files; no photo files or boxes; photos are named `<split>/<row>`."""
+    quirks: Counter = Counter()
+    photos, captions, features = [], [], {}
+    for ims in sorted(root.glob("*_ims.npy")):
+        split = ims.name.removesuffix("_ims.npy")
+        caps_file = root / f"{split}_caps.txt"
+        if not caps_file.is_file():
+            quirks[f"{ims.name} without {caps_file.name} (ignored)"] += 1
+            continue
+        shape = _feature_shape(ims)
+        if len(shape) != 3:
+            raise DatasetError(f"{ims}: shape {shape}; expected (images, regions, feature dims)")
+        texts = [" ".join(line.split()) for line in read_text(caps_file, quirks)]
+        step = row_step(shape[0], len(texts), ims)
+        n_photos = shape[0] // step
+        photos += [Photo(f"{split}/{i}", None, split) for i in range(n_photos)]
+        captions += [Caption(t, f"{split}/{i // CAPTIONS_PER_PHOTO}") for i, t in enumerate(texts)]
+        quirks["empty captions (kept in place)"] += sum(not t for t in texts)
+        features[split] = ims
+    if not features:
+        raise DatasetError(f"{root}: no <split>_ims.npy with its <split>_caps.txt")
+    quirks = Counter({k: v for k, v in quirks.items() if v})
+    return Dataset(root, "precomputed", photos, captions, quirks, features)
+
+
 def open_dataset(path: str | Path) -> Dataset:
     """Recognise the layout at `path` and read it; quirks are logged once."""
     root = Path(path).expanduser()
@@ -192,9 +240,7 @@ def open_dataset(path: str | Path) -> Dataset:
     elif list((root / "annotations").glob("captions_*.json")):
         dataset = _read_coco(root)
     elif list(root.glob("*_ims.npy")):
-        from .precomputed import read_precomputed
-
-        dataset = read_precomputed(root)
+        dataset = _read_precomputed(root)
     elif _image_files(root):
         dataset = _read_folder(root)
     else:

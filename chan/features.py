@@ -19,20 +19,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .data import Dataset
+from . import store
+from .data import Dataset, row_step
 from .photos import PhotoError, load_photo
-from .regions import PrecomputedSettings, RegionExtractor, Regions, RegionSettings
+from .region_settings import PrecomputedSettings, RegionSettings
+from .regions import RegionExtractor, Regions
 
 log = logging.getLogger(__name__)
 FORMAT = "chan-regions-1"
 CACHE_DIR = Path(os.environ.get("CHAN_CACHE", Path(__file__).resolve().parents[1] / "cache"))
 
 
-class CacheError(ValueError):
+class FeatureMismatchError(ValueError):
+    """A model that cannot read this dataset's features (precomputed ones for a photo model, or the reverse)."""
+
+
+class CacheError(store.StoreError):
     """A feature file that cannot be used with these settings."""
 
 
@@ -87,26 +91,18 @@ def _pack(ids: list[str], regions: list[Regions], extractor: RegionExtractor, st
         "features": torch.from_numpy(np.stack([r.features for r in regions])).half(),
         "boxes": torch.from_numpy(np.stack([r.boxes for r in regions])).float(),
         "scores": torch.from_numpy(np.stack([r.scores for r in regions])).half(),
-        "label_ids": torch.tensor([[index[l] for l in r.labels] for r in regions], dtype=torch.int16),
+        "label_ids": torch.tensor([[index[label] for label in r.labels] for r in regions], dtype=torch.int16),
         "detected": torch.from_numpy(np.stack([r.detected for r in regions])).to(torch.uint8),
     }
     if regions[0].stage_map is not None:
         tensors["maps"] = torch.from_numpy(np.stack([r.stage_map for r in regions])).half()
-    meta = {"format": FORMAT, "settings": extractor.settings.key(), "photo_ids": json.dumps(ids),
+    meta = {"settings": extractor.settings.key(), "photo_ids": json.dumps(ids),
             "label_names": json.dumps(extractor.label_names), "photo_stats": json.dumps(stats)}
     return tensors, meta
 
 
 def _read(path: Path) -> tuple[dict, dict]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise CacheError(f"{path}: not a readable region-feature file ({e}); delete it to re-extract") from e
-    if meta.get("format") != FORMAT:
-        raise CacheError(f"{path}: not a CHAN region-feature file (format {meta.get('format')!r})")
-    return tensors, meta
+    return store.read(path, FORMAT, "CHAN region-feature file", error=CacheError)
 
 
 def load_table(path: Path, settings: RegionSettings | None = None) -> RegionTable:
@@ -125,11 +121,8 @@ def load_table(path: Path, settings: RegionSettings | None = None) -> RegionTabl
     )
 
 
-def save_atomic(tensors: dict, meta: dict, path: Path) -> None:
-    """Write atomically: a killed run leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+def _write(tensors: dict, meta: dict, path: Path) -> None:
+    store.write(path, tensors, meta, FORMAT)
 
 
 def _drop_photos(path: Path, drop: set[str]) -> None:
@@ -140,7 +133,7 @@ def _drop_photos(path: Path, drop: set[str]) -> None:
     meta["photo_ids"] = json.dumps([ids[i] for i in keep.tolist()])
     if "photo_stats" in meta:
         meta["photo_stats"] = json.dumps([json.loads(meta["photo_stats"])[i] for i in keep.tolist()])
-    save_atomic({k: v[keep] for k, v in tensors.items()}, meta, path)
+    _write({k: v[keep] for k, v in tensors.items()}, meta, path)
 
 
 def _merge(parts: list[Path], out: Path) -> None:
@@ -152,7 +145,7 @@ def _merge(parts: list[Path], out: Path) -> None:
         meta["photo_stats"] = json.dumps([st for _, m in loaded for st in json.loads(m["photo_stats"])])
     else:
         meta.pop("photo_stats", None)
-    save_atomic(tensors, meta, out)
+    _write(tensors, meta, out)
 
 
 def extract(
@@ -213,7 +206,7 @@ def extract(
                 bar.update(len(shard[b : b + batch_size]))
             if ids:
                 number = 1 + max((int(p.name[:5]) for p in parts_dir.glob("*.safetensors")), default=0)
-                save_atomic(*_pack(ids, regions, extractor, stats), parts_dir / f"{number:05d}.safetensors")
+                _write(*_pack(ids, regions, extractor, stats), parts_dir / f"{number:05d}.safetensors")
             failures += skipped
             if on_shard:
                 on_shard(ids, regions, skipped)
@@ -231,6 +224,34 @@ def extract(
     return load_table(out, settings)
 
 
+def precomputed_table(dataset: Dataset, settings: RegionSettings | PrecomputedSettings) -> RegionTable:
+    """The features of the dataset's photos (float32, read from the .npy files), checked against the model's."""
+    if dataset.layout != "precomputed":
+        raise FeatureMismatchError(
+            f"This model reads precomputed {settings.feature_dim}-d region features ({getattr(settings, 'source', '')}), "
+            f"which cannot be computed from the photos of {dataset.root} here. Give a folder with "
+            "<split>_ims.npy and <split>_caps.txt instead.")
+    ids = [p.id for p in dataset.photos]
+    parts = []
+    for split in dict.fromkeys(p.split for p in dataset.photos):
+        array = np.load(dataset.features[split], mmap_mode="r")
+        n_caps = sum(c.photo_id.startswith(f"{split}/") for c in dataset.captions)
+        step = row_step(array.shape[0], n_caps, dataset.features[split]) if n_caps else 1
+        rows = [int(p.id.split("/")[1]) * step for p in dataset.photos if p.split == split]
+        parts.append(torch.from_numpy(np.ascontiguousarray(array[rows], dtype=np.float32)))
+    features = torch.cat(parts)
+    if not isinstance(settings, PrecomputedSettings) or settings.feature_dim != features.shape[-1]:
+        raise FeatureMismatchError(
+            f"{dataset.root} holds precomputed {features.shape[-1]}-d region features; this model reads "
+            f"{settings.feature_dim}-d {'precomputed features' if isinstance(settings, PrecomputedSettings) else 'regions extracted from photos'}. "
+            "Use a checkpoint made for these features (python -m chan import-official), or a folder of photos.")
+    N, K = features.shape[:2]
+    return RegionTable(
+        photo_ids=ids, features=features, boxes=None, scores=torch.zeros(N, K), label_ids=torch.zeros(N, K, dtype=torch.int16),
+        detected=torch.zeros(N, K, dtype=torch.bool), label_names=[""], settings_key=settings.key(),
+    )
+
+
 def table_for(dataset: Dataset, settings: RegionSettings | PrecomputedSettings, path: Path | None = None,
               progress: bool = True, **extract_options) -> RegionTable:
     """The cached features of `dataset`, extracting whatever photos are missing (or a precomputed folder's).
@@ -238,8 +259,6 @@ def table_for(dataset: Dataset, settings: RegionSettings | PrecomputedSettings, 
     `extract_options` go to `extract` (shard size, a shared extractor, a shard callback).
     """
     if dataset.layout == "precomputed" or isinstance(settings, PrecomputedSettings):
-        from .precomputed import precomputed_table
-
         return precomputed_table(dataset, settings)
     default = path is None
     path = Path(path) if path else default_cache_path(dataset, settings)

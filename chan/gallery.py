@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, read_metadata
 from .data import Dataset, open_dataset
-from .evaluate import encode_captions
+from .encoding import encode_captions
 from .features import CACHE_DIR, RegionTable, photo_stat, table_for
 from .gallery_index import GalleryIndex, IndexCacheError, IndexProgress
 from .model import MAX_TOKENS
 from .photos import load_photo
-from .regions import PrecomputedSettings, RegionExtractor, Regions, region_names
+from .region_settings import PrecomputedSettings
+from .regions import RegionExtractor, Regions, region_names
 from .similarity import Alignment, align
 
 MAX_QUERY_CHARS = 2000
@@ -117,7 +118,7 @@ class Gallery:
     # what queries read: the current index (swapped whole as it grows)
     photos = property(lambda self: self.index.photos)
     photo_index = property(lambda self: self.index.photo_index)
-    regions = property(lambda self: self.index.regions)
+    region_embeddings = property(lambda self: self.index.region_embeddings)
     region_mask = property(lambda self: self.index.region_mask)
     first_caption = property(lambda self: self.index.first_caption)
     caption_texts = property(lambda self: self.index.caption_texts)
@@ -156,7 +157,7 @@ class Gallery:
         """Load the cached index, or encode every photo and caption (extracting regions as needed), then cache it."""
         if self.cache_path.exists():
             try:
-                self.index = GalleryIndex.load(self.cache_path, self.all_photos, self.captions_by_photo, self.index.regions.dtype)
+                self.index = GalleryIndex.load(self.cache_path, self.all_photos, self.captions_by_photo, self.index.region_embeddings.dtype)
             except IndexCacheError as e:
                 log.warning("%s; encoding the gallery again", e)
             else:
@@ -230,11 +231,11 @@ class Gallery:
     def query_notes(self, words: list[str], truncated: bool = False) -> list[str]:
         """Warnings a user should see about how their text was read."""
         notes = []
-        unknown = {"[UNK]", "<unk>"}
-        content = [w for w in words if w not in {"[CLS]", "[SEP]", "<start>", "<end>"}]
-        if content and all(w in unknown for w in content):
+        encoder = self.model.text_encoder
+        content = [w for w in words if w not in encoder.special_tokens]
+        if content and all(w == encoder.unknown_token for w in content):
             notes.append("None of these words is in the model's vocabulary; the ranking is close to arbitrary.")
-        elif any(w in unknown for w in content):
+        elif encoder.unknown_token in content:
             notes.append("Some words are unknown to the model and were read as ‘unknown’.")
         if truncated:
             notes.append(f"The query is long: only its first {MAX_TOKENS} tokens were used.")
@@ -262,7 +263,7 @@ class Gallery:
         emb, mask, words = self._encode_query(text)
         index = self._indexed()
         with torch.no_grad():
-            scores = self.model.scores(index.regions, index.region_mask, emb, mask)[:, 0]
+            scores = self.model.scores(index.region_embeddings, index.region_mask, emb, mask)[:, 0]
         top = scores.topk(min(k, len(scores)))
         hits = [
             Hit(r + 1, float(s), index.photos[i].id, str(index.photos[i].path or ""), index.first_caption[i])
@@ -357,13 +358,13 @@ class Comparison:
     gallery: Gallery | None = None
 
     @classmethod
-    def of(cls, checkpoint: Path) -> "Comparison":
+    def of(cls, checkpoint: Path) -> Comparison:
         meta = read_metadata(checkpoint)  # refuses a missing or foreign file now, not in the background
         return cls(model_label(meta["config"]["similarity"], Path(checkpoint).name.removesuffix(".safetensors")),
                    Path(checkpoint))
 
     @classmethod
-    def loaded(cls, gallery: Gallery) -> "Comparison":
+    def loaded(cls, gallery: Gallery) -> Comparison:
         return cls(gallery.label, gallery.checkpoint, gallery)
 
 

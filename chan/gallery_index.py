@@ -13,22 +13,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
+from . import store
 from .data import Photo
-from .features import save_atomic
 
 FORMAT = "chan-gallery-2"
 
 
-class IndexCacheError(ValueError):
+class IndexCacheError(store.StoreError):
     """A cached index that cannot be used: foreign, damaged or for other photos."""
 
 
 @dataclass(frozen=True)
 class GalleryIndex:
     photos: tuple[Photo, ...]
-    regions: torch.Tensor  # (N, K, D), in the dtype the scorer runs in
+    region_embeddings: torch.Tensor  # (N, K, D), in the dtype the scorer runs in
     first_caption: tuple[str, ...]  # each photo's first caption ("" if it has none)
     caption_texts: tuple[str, ...]  # every caption of the indexed photos, photo by photo
     caption_photo: torch.Tensor  # (M,) the photo (row of `photos`) each caption describes
@@ -46,7 +45,7 @@ class GalleryIndex:
 
     @cached_property
     def region_mask(self) -> torch.Tensor:
-        return torch.ones(self.regions.shape[:2], dtype=torch.bool)
+        return torch.ones(self.region_embeddings.shape[:2], dtype=torch.bool)
 
     def extended(self, photos: list[Photo], regions: torch.Tensor, captions: list[list[str]],
                  words: torch.Tensor, mask: torch.Tensor) -> "GalleryIndex":
@@ -57,8 +56,8 @@ class GalleryIndex:
         owner = [len(self.photos) + i for i, caps in enumerate(captions) for _ in caps]
         L = max(self.caption_words.shape[1], words.shape[1] if len(texts) else 1)
         pad = lambda t, extra=(): F.pad(t, (*extra, 0, L - t.shape[1]))  # noqa: E731
-        dtype = self.regions.dtype
-        before = self.regions if len(self.photos) else regions.new_zeros((0, *regions.shape[1:]), dtype=dtype)
+        dtype = self.region_embeddings.dtype
+        before = self.region_embeddings if len(self.photos) else regions.new_zeros((0, *regions.shape[1:]), dtype=dtype)
         return GalleryIndex(
             self.photos + tuple(photos),
             torch.cat([before, regions.to(dtype)]),
@@ -71,23 +70,15 @@ class GalleryIndex:
 
     def save(self, path: Path) -> None:
         lengths = self.caption_mask.sum(1)
-        tensors = {"regions": self.regions.half(), "caption_lengths": lengths,
+        tensors = {"regions": self.region_embeddings.half(), "caption_lengths": lengths,
                    "caption_words": self.caption_words[self.caption_mask].half()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(tensors, {"format": FORMAT, "photo_ids": json.dumps([p.id for p in self.photos])}, path)
+        store.write(path, tensors, {"photo_ids": json.dumps([p.id for p in self.photos])}, FORMAT)
 
     @classmethod
     def load(cls, path: Path, photos: dict[str, Photo], captions_by_photo: dict[str, list[str]],
              dtype: torch.dtype) -> "GalleryIndex":
         """The index cached at `path`, over these photos and captions (its key vouches that they are the ones it was built from)."""
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                t = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise IndexCacheError(f"{path}: damaged ({e})") from e
-        if meta.get("format") != FORMAT:
-            raise IndexCacheError(f"{path}: not a gallery index of this version (format {meta.get('format')!r})")
+        t, meta = store.read(path, FORMAT, "gallery index of this version", error=IndexCacheError)
         ids = json.loads(meta["photo_ids"])
         if any(i not in photos for i in ids) or len(ids) != len(t["regions"]):
             raise IndexCacheError(f"{path}: made for other photos")

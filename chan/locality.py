@@ -13,11 +13,12 @@ import torch
 
 from .backbone import BACKBONE_CHANNELS
 from .data import Dataset
-from .evaluate import encode_captions, encode_images, protocol_pairs
+from .encoding import encode_captions, encode_table
+from .evaluate import protocol_pairs
 from .features import RegionTable
 from .metrics import recall_metrics
 from .model import CHAN
-from .regions import RegionSettings
+from .region_settings import RegionSettings
 
 SPECIAL_TOKENS = frozenset({"[CLS]", "[SEP]", "[PAD]", "[MASK]", "<start>", "<end>", "<pad>", "<mask>"})
 STOPWORDS = frozenset(
@@ -49,7 +50,7 @@ def alignment_locality(model: CHAN, settings, dataset: Dataset, table: RegionTab
     the chosen box's area as a fraction of the photo, and the split's RSUM."""
     model.eval()
     ids, texts, owner = protocol_pairs(dataset)
-    images = encode_images(model, table, ids).embeddings
+    images = encode_table(model, table, ids).embeddings
     captions = encode_captions(model, texts, batch)
     rows = table.rows(ids)
     kinds = region_kinds(table, rows, settings)

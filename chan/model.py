@@ -118,6 +118,9 @@ def tokenize_words(text: str, tokenizer: str = "simple") -> list[str]:
 class BiGRUEncoder(nn.Module):
     """Word embeddings (GloVe init) -> bidirectional GRU, forward and backward averaged -> L2 norm."""
 
+    special_tokens = frozenset(SPECIALS) - {"<unk>"}  # tokens that stand for no word of the caption
+    unknown_token = "<unk>"
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.vocab = c.vocab
@@ -173,6 +176,8 @@ class BertEncoder(nn.Module):
 
         path = bert_path(c.bert_model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.unknown_token = self.tokenizer.unk_token
+        self.special_tokens = frozenset(self.tokenizer.all_special_tokens) - {self.unknown_token}
         self.bert = AutoModel.from_pretrained(path)
         self.mask_id = self.tokenizer.mask_token_id
         self.finetune_layers = c.finetune_layers

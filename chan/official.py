@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import save_checkpoint
 from .model import CHAN, ModelConfig
-from .regions import PrecomputedSettings
+from .region_settings import PrecomputedSettings
 from .similarity import LSE_TEMPERATURE
 
 # What a released checkpoint holds besides tensors and builtins: the options Namespace, and numpy

@@ -18,8 +18,8 @@ from .evaluate import evaluate
 from .features import RegionTable, table_for
 from .loss import triplet_loss
 from .metrics import format_metrics
-from .model import DEFAULT_BERT, SPECIALS, CHAN, ModelConfig, tokenize_words
-from .regions import LEGACY_SETTINGS, RegionSettings
+from .model import CHAN, DEFAULT_BERT, SPECIALS, ModelConfig, tokenize_words
+from .region_settings import LEGACY_SETTINGS, RegionSettings
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ def make_flickr_subset(root: Path, src: Path, n_train: int, n_dev: int, n_test: 
     for name in keep:
         os.symlink(src / "Flicker8k_Dataset" / name, images / name)
     lines = (src / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines()
-    (text / "Flickr8k.token.txt").write_text("\n".join(l for l in lines if l.split("#")[0] in keep) + "\n")
+    (text / "Flickr8k.token.txt").write_text("\n".join(line for line in lines if line.split("#")[0] in keep) + "\n")
     return root
 
 

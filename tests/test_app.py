@@ -9,7 +9,7 @@ from PIL import Image
 from app import figures
 from app.handlers import Handlers
 from chan.checkpoint import DEFAULT_CHECKPOINT
-from chan.evaluate import encode_images
+from chan.encoding import encode_table
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +40,11 @@ def test_search_finds_a_photo_by_its_own_caption(gallery):
 
 
 def test_search_scores_from_the_bf16_gallery_match_fp32(gallery):
-    assert gallery.regions.dtype == torch.bfloat16
+    assert gallery.region_embeddings.dtype == torch.bfloat16
     hits, _, _ = gallery.search_images("a dog runs on the grass", 5)
     with torch.no_grad():
         emb, mask, _ = gallery.model.encode_texts(["a dog runs on the grass"])
-        fp32 = encode_images(gallery.model, gallery.table, [p.id for p in gallery.photos]).embeddings
+        fp32 = encode_table(gallery.model, gallery.table, [p.id for p in gallery.photos]).embeddings
         exact = gallery.model.scores(fp32, gallery.region_mask, emb, mask)[:, 0]
     for hit in hits:
         assert hit.score == pytest.approx(float(exact[gallery.photo_index[hit.photo_id]]), abs=0.01)

@@ -6,7 +6,7 @@ import torch
 from chan.__main__ import main
 from chan.data import open_dataset
 from chan.features import CacheError, extract, load_table
-from chan.regions import RegionSettings
+from chan.region_settings import RegionSettings
 from tests.conftest import make_flickr_subset
 
 

@@ -4,11 +4,12 @@ import torch
 
 from chan.__main__ import main
 from chan.data import open_dataset
-from chan.evaluate import encode_images, protocol_pairs
+from chan.encoding import encode_table
+from chan.evaluate import protocol_pairs
 from chan.features import table_for
 from chan.locality import alignment_locality, word_kind
 from chan.model import CHAN, ModelConfig
-from chan.regions import LEGACY_SETTINGS, RegionSettings
+from chan.region_settings import LEGACY_SETTINGS, RegionSettings
 from chan.similarity import align
 
 
@@ -20,7 +21,7 @@ def test_word_kinds():
 def _naive(model, dataset, table, settings):
     """Shares by a per-caption loop over `align`, the inspector's own function."""
     ids, texts, owner = protocol_pairs(dataset)
-    images = encode_images(model, table, ids).embeddings
+    images = encode_table(model, table, ids).embeddings
     rows = table.rows(ids)
     counts = {"whole_photo": 0, "detection": 0, "grid": 0}
     for text, o in zip(texts, owner.tolist()):

@@ -3,7 +3,7 @@ import torch
 from chan.data import open_dataset
 from chan.features import table_for
 from chan.model import CHAN, ModelConfig
-from chan.regions import RegionSettings
+from chan.region_settings import RegionSettings
 from chan.train import FrozenCaptionStates, _delete_tokens
 
 

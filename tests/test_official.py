@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from nltk.tokenize import NLTKWordTokenizer
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -18,7 +17,7 @@ from chan.__main__ import main
 from chan.checkpoint import load_checkpoint
 from chan.data import open_dataset
 from chan.evaluate import split_scores
-from chan.features import CacheError, table_for
+from chan.features import FeatureMismatchError, table_for
 from chan.metrics import fold_metrics
 from chan.official import ReleaseError, import_official
 
@@ -254,14 +253,14 @@ def test_precomputed_features_are_refused_by_a_photo_model_and_vice_versa(bigru_
     from chan.checkpoint import DEFAULT_CHECKPOINT
 
     model, settings, _ = load_checkpoint(DEFAULT_CHECKPOINT)
-    with pytest.raises(CacheError, match="holds precomputed 2048-d"):
+    with pytest.raises(FeatureMismatchError, match="holds precomputed 2048-d"):
         table_for(open_dataset(precomp).split("test"), settings)
     out = tmp_path / "imported.safetensors"
     folder = bigru_release[0]
     import_official(folder / "model_best.pth.tar", out, vocab_json=folder / "f30k_precomp_vocab.json", trust_pickle=True)
     _, imported_settings, info = load_checkpoint(out)
     assert info["epoch"] == 24 and info["best_rsum"] == pytest.approx(512.3)
-    with pytest.raises(CacheError, match="cannot be computed from the photos"):
+    with pytest.raises(FeatureMismatchError, match="cannot be computed from the photos"):
         table_for(open_dataset(small_flickr).split("test"), imported_settings)
 
 
@@ -273,7 +272,7 @@ def test_repeated_image_rows_are_one_photo(tmp_path):
     dataset = open_dataset(tmp_path)
     assert dataset.layout == "precomputed" and len(dataset.photos) == 4 and len(dataset.captions) == 20
     assert dataset.captions_by_photo()["dev/2"] == [f"caption {i}" for i in range(10, 15)]
-    from chan.regions import PrecomputedSettings
+    from chan.region_settings import PrecomputedSettings
 
     table = table_for(dataset, PrecomputedSettings(feature_dim=8, num_regions=3))
     assert torch.equal(table.features[2], torch.from_numpy(rows[10]))

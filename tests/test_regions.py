@@ -1,5 +1,4 @@
 import io
-
 import json
 
 import numpy as np
@@ -11,7 +10,8 @@ from torchvision.ops import box_iou
 from chan.backbone import pool_regions
 from chan.data import open_dataset
 from chan.photos import PhotoError, load_photo
-from chan.regions import LEGACY_SETTINGS, RegionExtractor, RegionSettings, grid_boxes, settings_from_key
+from chan.region_settings import LEGACY_SETTINGS, RegionSettings, settings_from_key
+from chan.regions import RegionExtractor, grid_boxes
 
 
 def _photos_where(ds, words, n):
@@ -34,7 +34,7 @@ def test_regions_on_real_photos(extractor, test_split):
     for photo, r, r2 in zip(photos, first, again):
         W, H = photo.size
         assert r.boxes.shape == (K, 4) and r.features.shape == (K, RegionSettings().feature_dim)
-        assert len(r.labels) == K and all(isinstance(l, str) and l for l in r.labels)
+        assert len(r.labels) == K and all(isinstance(name, str) and name for name in r.labels)
         assert np.all(r.boxes[:, 0] >= 0) and np.all(r.boxes[:, 1] >= 0)
         assert np.all(r.boxes[:, 2] <= W + 1e-3) and np.all(r.boxes[:, 3] <= H + 1e-3)
         assert np.all(r.boxes[:, 2] > r.boxes[:, 0]) and np.all(r.boxes[:, 3] > r.boxes[:, 1])
@@ -91,7 +91,7 @@ def test_pool_regions_maps_photo_fractions_onto_the_map():
 def test_detector_finds_what_the_captions_name(extractor, test_split, words, label):
     photos = _photos_where(test_split, words, 12)
     regions = extractor([load_photo(p.path) for p in photos])
-    found = [label in [l for l, d in zip(r.labels, r.detected) if d] for r in regions]
+    found = [label in [name for name, d in zip(r.labels, r.detected) if d] for r in regions]
     assert sum(found) >= len(photos) // 2, found
 
 

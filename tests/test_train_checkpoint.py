@@ -3,13 +3,14 @@ import json
 import pytest
 import torch
 
+from chan.__main__ import evaluate_command, table_command
 from chan.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from chan.data import open_dataset
-from chan.evaluate import evaluate, evaluate_command, split_scores, table_command
+from chan.evaluate import evaluate, split_scores
 from chan.features import table_for
 from chan.metrics import recall_metrics
 from chan.model import CHAN, ModelConfig
-from chan.regions import RegionSettings
+from chan.region_settings import RegionSettings
 from chan.train import TrainConfig, train
 from tests.conftest import make_flickr_subset
 

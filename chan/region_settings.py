@@ -1,0 +1,65 @@
+"""What makes a photo's regions: the extractor settings that key every feature cache and travel in every checkpoint.
+
+Kept apart from `chan.regions`, so that reading a checkpoint or a cache imports no detector or backbone code.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from .backbone import BACKBONE_CHANNELS
+
+GEOMETRY_DIMS = 5
+
+
+@dataclass(frozen=True)
+class RegionSettings:
+    """Everything that changes the regions of a photo; a feature cache is keyed by it."""
+
+    num_regions: int = 36
+    backbone: str = "efficientnet-lite0"
+    image_size: int = 320  # backbone input side: photos are resized to a square
+    roi_size: int = 2  # RoIAlign output side, averaged into one vector
+    max_detections: int = 36
+    detector_conf: float = 0.2  # "detections" proposals: class confidence threshold
+    detector_iou: float = 0.45
+    whole_photo: bool = False  # the whole photo as region 0
+    proposals: str = "objectness"  # objectness: ranked boxes at several sizes; detections: confident COCO boxes
+    detector_sizes: tuple[int, ...] = (288, 416)
+    min_objectness: float = 0.001  # low: up to K distinct boxes, as bottom-up attention keeps
+    min_box_area: float = 0.01  # fraction of the photo: smaller boxes are below the map's resolution
+    tail_start: int = 14  # backbone block whose input map is cached for tuning; 0: none kept
+
+    @property
+    def feature_dim(self) -> int:
+        return BACKBONE_CHANNELS + GEOMETRY_DIMS
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+# Values of the first settings, for keys written before these fields existed.
+LEGACY = {"max_detections": 20, "whole_photo": True, "proposals": "detections", "detector_sizes": (416,),
+          "min_objectness": 0.0, "min_box_area": 0.0, "tail_start": 0}
+LEGACY_SETTINGS = RegionSettings(**LEGACY)
+
+
+@dataclass(frozen=True)
+class PrecomputedSettings:
+    """Region features computed elsewhere (e.g. the authors' bottom-up-attention files): nothing to extract here."""
+
+    feature_dim: int = 2048
+    num_regions: int = 36
+    source: str = "precomputed <split>_ims.npy"
+
+    def key(self) -> str:
+        return json.dumps({"precomputed": True, **asdict(self)}, sort_keys=True)
+
+
+def settings_from_key(key: str) -> RegionSettings | PrecomputedSettings:
+    """The settings a checkpoint or feature file was made with, from their JSON key."""
+    values = json.loads(key)
+    if values.pop("precomputed", False):
+        return PrecomputedSettings(**values)
+    values = {**LEGACY, **values} if "proposals" not in values else values
+    return RegionSettings(**{**values, "detector_sizes": tuple(values["detector_sizes"])})

@@ -1,0 +1,42 @@
+"""The one way tensors are kept on disk here: safetensors tagged with their kind, written atomically, read with checks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class StoreError(ValueError):
+    """A file that cannot be used: missing, damaged, or of another kind; the message says which and where."""
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], kind: str) -> None:
+    """Write `tensors` with `meta` and the tag `format=kind`, atomically: a killed run leaves the old file or the new
+    one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={**meta, "format": kind})
+    tmp.replace(path)
+
+
+def read(path: Path, kind: str, what: str, tensors: bool = True,
+         error: type[StoreError] = StoreError) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (none with `tensors=False`: the header alone) and metadata of a file of this kind; `what` names
+    the kind in messages, and `error` is the exception raised (a subclass of StoreError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such {what}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != kind:
+                raise error(f"{path}: not a {what} (format {meta.get('format')!r}, expected {kind!r})")
+            out = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except StoreError:
+        raise
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise error(f"{path}: not a readable {what} ({e}); delete it to rebuild it, or use another file") from e
+    return out, meta
