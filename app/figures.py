@@ -7,45 +7,7 @@ import numpy as np
 import plotly.graph_objects as go
 from PIL import Image, ImageDraw, ImageFont
 
-PALETTE = [
-    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
-    "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075",
-]
-
-
-def word_colour(i: int) -> str:
-    return PALETTE[i % len(PALETTE)]
-
-
-def region_names(labels: list[str]) -> list[str]:
-    """Unique axis names: 'r3 dog' (just 'r3' for unlabelled precomputed regions)."""
-    return [f"r{k} {label}".strip() for k, label in enumerate(labels)]
-
-
-SPECIAL_TOKENS = {"[CLS]", "[SEP]", "<start>", "<end>"}
-
-
-def whole_words(tokens: list[str]) -> list[str]:
-    """For each token, the word it is part of: word pieces ('skate', '##board') are joined ('skateboard')."""
-    out, start = list(tokens), 0
-    for i, t in enumerate(tokens + [""]):
-        if not t.startswith("##"):
-            word = "".join(p.removeprefix("##") for p in tokens[start:i])
-            out[start:i] = [word] * (i - start)
-            start = i
-    return out
-
-
-def word_names(tokens: list[str]) -> list[str]:
-    """Unique row names, one per scored token: '2:dog'; a piece with its word, '3:skateboard[##board]';
-    special tokens marked, '0:[CLS] (special)'."""
-    names = []
-    for i, (token, word) in enumerate(zip(tokens, whole_words(tokens))):
-        if token in SPECIAL_TOKENS:
-            names.append(f"{i}:{token} (special)")
-        else:
-            names.append(f"{i}:{token}" if word == token else f"{i}:{word}[{token}]")
-    return names
+from chan.pair import axis_region_names, word_colour, word_names
 
 
 def _layout(fig: go.Figure, title: str, n_words: int) -> go.Figure:
@@ -72,7 +34,7 @@ def box_notes(boxes: np.ndarray | None, photo_size: tuple[int, int] | None, n_wo
 def hard_alignment_heatmap(cosine: np.ndarray, chosen: np.ndarray, words: list[str], labels: list[str],
                            boxes: np.ndarray | None = None, photo_size: tuple[int, int] | None = None) -> go.Figure:
     """Words x regions cosines: each word's chosen region in colour and ringed, eliminated cells grey; hover names the box."""
-    x, y = region_names(labels), word_names(words)
+    x, y = axis_region_names(labels), word_names(words)
     kept = np.full(cosine.shape, np.nan)
     kept[np.arange(len(chosen)), chosen] = cosine[np.arange(len(chosen)), chosen]
     notes = box_notes(boxes, photo_size, len(words))
@@ -95,7 +57,7 @@ def soft_attention_heatmap(attention: np.ndarray, words: list[str], labels: list
     """The SCAN attention weights of the same pair: every region gets some weight."""
     notes = box_notes(boxes, photo_size, len(words))
     box = "" if notes is None else "<br>%{customdata}"
-    fig = go.Figure(go.Heatmap(z=attention, x=region_names(labels), y=word_names(words), colorscale="Viridis",
+    fig = go.Figure(go.Heatmap(z=attention, x=axis_region_names(labels), y=word_names(words), colorscale="Viridis",
                                colorbar=dict(title="weight"), customdata=notes,
                                hovertemplate=f"%{{y}} · %{{x}}<br>attention %{{z:.3f}}{box}<extra></extra>"))
     return _layout(fig, "Soft cross-attention it replaces (SCAN weights)", len(words))

@@ -240,7 +240,7 @@ class Handlers:
         a = pair.alignment
         state = Inspection(pair, self._photo(image_path, photo_id))
         size = state.photo.size if state.photo is not None else None
-        words = figures.word_names(pair.words)
+        words = pair.row_names
         g = self.gallery
         status = (f"Hard-alignment score (CHAN) {a.score:.3f} · soft-attention score (SCAN) {a.soft_score:.3f}, both "
                   f"from {g.label}'s embeddings, which ranks by {SIMILARITY_NAMES[g.model.config.similarity]}. "
@@ -266,7 +266,7 @@ class Handlers:
         if state is None or state.photo is None or state.pair.boxes is None:
             return None
         pair, a = state.pair, state.pair.alignment
-        names = figures.word_names(pair.words)
+        names = pair.row_names
         focus = names.index(word) if word in names else None
         words = [focus] if focus is not None else range(len(pair.words))
         boxes, texts, colours = [], [], []

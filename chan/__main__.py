@@ -46,6 +46,15 @@ def _cmd_alignments(args: argparse.Namespace) -> None:
     alignments_command(args.checkpoint, args.data, args.split, args.json)
 
 
+def _cmd_figure(args: argparse.Namespace) -> None:
+    from .checkpoint import DEFAULT_CHECKPOINT
+    from .figure import figure_command
+
+    figure_command(args.caption, args.out, args.checkpoint or DEFAULT_CHECKPOINT, args.photo, args.gallery, args.photo_id,
+                   args.split, args.top)
+    print(f"wrote {args.out}")
+
+
 def _cmd_table(args: argparse.Namespace) -> None:
     table_command(args.checkpoints, args.data, args.split)
 
@@ -193,6 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="default: test where the dataset has one, else every photo")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as flat JSON")
     p.set_defaults(func=_cmd_alignments)
+
+    p = sub.add_parser("figure", help="a publication figure of one caption's word-region alignment (pdf, svg or png)",
+                       description="Draw one pair as the papers do: the photo with each word's chosen region boxed "
+                                   "in the word's colour, the caption in those colours, the hard-alignment matrix "
+                                   "with the eliminated cells greyed out, and the soft attention it replaces. Vector "
+                                   "output for .pdf and .svg (the photo itself stays a bitmap).")
+    p.add_argument("--caption", required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--photo", type=Path, help="any photo file")
+    where.add_argument("--photo-id", help="a gallery photo, by its file name (with --gallery)")
+    p.add_argument("--gallery", type=Path, default=None, help="gallery folder for --photo-id and --top (any dataset layout)")
+    p.add_argument("--split", default=None, help="gallery split (default: test where there is one)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the checkpoint the app loads")
+    p.add_argument("--top", type=int, default=0, help="add the caption's N best gallery photos in a row (needs --gallery)")
+    p.add_argument("--out", type=Path, required=True, help="fig.pdf, fig.svg or fig.png")
+    p.set_defaults(func=_cmd_figure)
 
     p = sub.add_parser("import-official", help="convert an authors' released CHAN checkpoint (.pth.tar) into this project's format",
                        description="Convert a checkpoint released with the CHAN paper (precomputed bottom-up-attention "

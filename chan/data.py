@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from . import butd
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,7 @@ LAYOUTS = (
     "Flickr8k (Flickr8k_text/Flickr8k.token.txt + split lists + Flicker8k_Dataset/)",
     "COCO captions (annotations/captions_<split>.json beside the <split>/ image folder)",
     "precomputed features (<split>_ims.npy and <split>_caps.txt, as SCAN and CHAN release them)",
+    "bottom-up-attention TSV files (*.tsv, *.tsv.N), with the photos beside them if you have them",
     "a plain folder of images (no captions)",
 )
 
@@ -52,7 +56,7 @@ class Dataset:
     photos: list[Photo]
     captions: list[Caption]
     quirks: Counter = field(default_factory=Counter)
-    features: dict[str, Path] = field(default_factory=dict)  # split -> <split>_ims.npy (precomputed layout)
+    features: dict[str, Path] = field(default_factory=dict)  # split -> <split>_ims.npy; or name -> a TSV file
 
     @property
     def splits(self) -> list[str]:
@@ -230,6 +234,43 @@ def _read_precomputed(root: Path) -> Dataset:
     return Dataset(root, "precomputed", photos, captions, quirks, features)
 
 
+def _photo_files_by_id(root: Path) -> dict[str, Path]:
+    """Image files under `root` by the ids a TSV may use: the file's stem ('1000092795'), and the number its
+    stem ends with ('COCO_val2014_000000391895' -> '391895')."""
+    out: dict[str, Path] = {}
+    for path in _image_files(root):
+        out.setdefault(path.stem, path)
+        digits = re.search(r"(\d+)$", path.stem)
+        if digits:
+            out.setdefault(str(int(digits.group(1))), path)
+    return out
+
+
+def _read_butd(root: Path) -> Dataset:
+    """Bottom-up-attention TSV files: one photo per image id (photo files found beside them by name), no captions."""
+    quirks: Counter = Counter()
+    files = {path.name: path for path in butd.tsv_files(root)}
+    by_id = _photo_files_by_id(root)
+    photos: dict[str, Photo] = {}
+    for path in files.values():
+        def malformed(number: int, why: str, name: str = path.name) -> None:
+            quirks[f"malformed rows in {name} (skipped)"] += 1
+            log.warning("%s line %d: %s; skipped", name, number, why)
+
+        for row in butd.rows(path, malformed):
+            if row.image_id in photos:
+                quirks["image ids listed twice (the first row is kept)"] += 1
+                continue
+            key = str(int(row.image_id)) if row.image_id.isdigit() else row.image_id
+            photos[row.image_id] = Photo(row.image_id, by_id.get(row.image_id) or by_id.get(key), None)
+    if not photos:
+        raise DatasetError(f"{root}: no usable row in {', '.join(files)}")
+    missing = sum(p.path is None for p in photos.values())
+    if missing:
+        quirks["images with no photo file beside the TSV (no photo or boxes to draw)"] += missing
+    return Dataset(root, "butd-tsv", list(photos.values()), [], quirks, files)
+
+
 def open_dataset(path: str | Path) -> Dataset:
     """Recognise the layout at `path` and read it; quirks are logged once."""
     root = Path(path).expanduser()
@@ -241,6 +282,8 @@ def open_dataset(path: str | Path) -> Dataset:
         dataset = _read_coco(root)
     elif list(root.glob("*_ims.npy")):
         dataset = _read_precomputed(root)
+    elif butd.tsv_files(root):
+        dataset = _read_butd(root)
     elif _image_files(root):
         dataset = _read_folder(root)
     else:

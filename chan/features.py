@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from . import store
+from . import butd, store
 from .data import Dataset, row_step
 from .photos import PhotoError, load_photo
 from .region_settings import PrecomputedSettings, RegionSettings
@@ -252,12 +253,46 @@ def precomputed_table(dataset: Dataset, settings: RegionSettings | PrecomputedSe
     )
 
 
+def butd_table(dataset: Dataset, settings: RegionSettings | PrecomputedSettings) -> RegionTable:
+    """The features and boxes of a bottom-up-attention TSV gallery (float32), boxes scaled to the photo files found."""
+    wanted = {p.id: p for p in dataset.photos}
+    found: dict[str, butd.Row] = {}
+    for path in dataset.features.values():
+        for row in butd.rows(path, lambda number, why: None):  # malformed rows were counted when the folder was read
+            if row.image_id in wanted:
+                found.setdefault(row.image_id, row)
+    ids = [i for i in wanted if i in found]
+    counts = {found[i].boxes.shape[0] for i in ids}
+    if len(counts) > 1:
+        raise FeatureMismatchError(f"{dataset.root}: rows hold {min(counts)} to {max(counts)} boxes; the gallery needs "
+                                   "the same number for every image (the fixed-36 extraction)")
+    features = torch.from_numpy(np.stack([found[i].features for i in ids]))
+    if not isinstance(settings, PrecomputedSettings) or settings.feature_dim != features.shape[-1]:
+        raise FeatureMismatchError(
+            f"{dataset.root} holds {features.shape[-1]}-d bottom-up-attention features; this model reads "
+            f"{settings.feature_dim}-d {'precomputed features' if isinstance(settings, PrecomputedSettings) else 'regions extracted from photos'}. "
+            "Use a checkpoint made for these features (python -m chan import-official).")
+    boxes = []
+    for i in ids:
+        row, path = found[i], wanted[i].path
+        w, h = Image.open(path).size if path else (row.width, row.height)  # the header only
+        boxes.append(row.boxes * np.array([w / row.width, h / row.height] * 2, dtype=np.float32))
+    N, K = features.shape[:2]
+    return RegionTable(
+        photo_ids=ids, features=features, boxes=torch.from_numpy(np.stack(boxes)), scores=torch.zeros(N, K),
+        label_ids=torch.zeros(N, K, dtype=torch.int16), detected=torch.ones(N, K, dtype=torch.bool), label_names=[""],
+        settings_key=settings.key(),
+    )
+
+
 def table_for(dataset: Dataset, settings: RegionSettings | PrecomputedSettings, path: Path | None = None,
               progress: bool = True, **extract_options) -> RegionTable:
     """The cached features of `dataset`, extracting whatever photos are missing (or a precomputed folder's).
 
     `extract_options` go to `extract` (shard size, a shared extractor, a shard callback).
     """
+    if dataset.layout == "butd-tsv":
+        return butd_table(dataset, settings)
     if dataset.layout == "precomputed" or isinstance(settings, PrecomputedSettings):
         return precomputed_table(dataset, settings)
     default = path is None

@@ -10,7 +10,6 @@ import hashlib
 import logging
 import threading
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,35 +23,15 @@ from .encoding import encode_captions
 from .features import CACHE_DIR, RegionTable, photo_stat, table_for
 from .gallery_index import GalleryIndex, IndexCacheError, IndexProgress
 from .model import MAX_TOKENS
+from .pair import PairAlignment, QueryError, align_pair, clean_text, encode_query, region_embeddings
 from .photos import load_photo
 from .region_settings import PrecomputedSettings
-from .regions import RegionExtractor, Regions, region_names
-from .similarity import Alignment, align
+from .regions import RegionExtractor, Regions
 
-MAX_QUERY_CHARS = 2000
 MODEL_NAMES = {"hard": "CHAN", "soft": "SCAN", "global": "global"}  # by the similarity a model ranks with
 INDEX_CHUNK = 32  # photos per step of the gallery's indexing: the page's progress moves this often
 DEFAULT_GALLERY = Path(__file__).resolve().parents[1] / "assets" / "gallery"
 log = logging.getLogger(__name__)
-
-
-class QueryError(ValueError):
-    """Input the gallery cannot score; the message is shown to the user as is."""
-
-
-def clean_text(text) -> str:
-    """A client's caption as plain text: invisible format characters dropped, spaces collapsed; refused if empty."""
-    if not isinstance(text, (str, type(None))):
-        raise QueryError("A caption must be text.")
-    text = text or ""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise QueryError("That text holds characters that are not valid Unicode (a lone surrogate); retype it.") from None
-    text = " ".join("".join(ch for ch in text if unicodedata.category(ch) != "Cf").split())
-    if not text:
-        raise QueryError("Type a caption, e.g. “a dog runs on the beach”.")
-    return text
 
 
 @dataclass
@@ -71,14 +50,6 @@ class RankedCaption:
     text: str
     source: str  # "yours", or the gallery photo the caption describes
     matches_photo: bool  # one of this photo's own gallery captions
-
-
-@dataclass
-class PairAlignment:
-    words: list[str]
-    region_labels: list[str]
-    boxes: np.ndarray | None  # (K, 4) photo pixels; None for precomputed features
-    alignment: Alignment
 
 
 def _file_digest(path: Path) -> str:
@@ -216,14 +187,7 @@ class Gallery:
         return self._extractor
 
     def _encode_query(self, text: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        text = clean_text(text)
-        if len(text) > MAX_QUERY_CHARS:
-            raise QueryError(f"That query is {len(text)} characters long; keep it under {MAX_QUERY_CHARS}.")
-        with torch.no_grad():
-            emb, mask, words = self.model.encode_texts([text])
-        if not words[0]:
-            raise QueryError("The model reads no words in that text (only punctuation or symbols); type a caption.")
-        return emb, mask, words[0]
+        return encode_query(self.model, text)
 
     def _was_truncated(self, text: str) -> bool:
         return self.model.config.text_encoder == "bert" and int(self.model.text_encoder.tokenize([text])[1].sum()) >= MAX_TOKENS
@@ -275,6 +239,8 @@ class Gallery:
     def photo_regions(self, photo: str | Path | None = None, photo_id: str | None = None) -> Regions:
         """Regions of a gallery photo (cached, or extracted now while indexing) or of any photo file (extracted now)."""
         table = self.table
+        if table is None and self.precomputed and photo_id:  # nothing to extract: read the features now
+            table = self.table = table_for(self.dataset, self.settings, progress=False)
         if photo_id and table is not None and photo_id in table.index:
             return table.regions(photo_id)
         if photo_id and self.photo_path(photo_id):
@@ -291,9 +257,7 @@ class Gallery:
         return self.extractor([load_photo(photo)])[0]
 
     def _region_embeddings(self, regions: Regions) -> torch.Tensor:
-        with torch.no_grad():
-            maps = None if regions.stage_map is None else torch.from_numpy(regions.stage_map)[None]
-            return self.model.encode_images(torch.from_numpy(regions.features)[None], maps=maps)[0][0]
+        return region_embeddings(self.model, regions)
 
     def rank_captions(self, regions: Regions, own: list[str] | None = None, photo_id: str | None = None,
                       limit: int = 20) -> list[RankedCaption]:
@@ -321,10 +285,7 @@ class Gallery:
 
     def align(self, regions: Regions, caption: str) -> PairAlignment:
         """Which region each word of `caption` hard-aligned to, and the soft attention it replaces."""
-        emb, mask, words = self._encode_query(caption)
-        with torch.no_grad():
-            a = align(self._region_embeddings(regions), emb[0][mask[0]], self.model.config.pooling)
-        return PairAlignment(words, region_names(regions), regions.boxes, a)
+        return align_pair(self.model, regions, caption)
 
     def describe(self) -> str:
         info = self.info or {}
@@ -333,7 +294,9 @@ class Gallery:
                 f"{self.model.config.text_encoder} + {self.model.config.similarity} alignment"
                 + (f" · dev RSUM {dev['rsum']:.1f}" if "rsum" in dev else "")
                 + (f" · imported from {info['imported_from']}" if "imported_from" in info else "")
-                + (" · precomputed region features: no photo files, regions named by index" if self.precomputed else ""))
+                + (" · bottom-up-attention TSV features and boxes" if self.dataset.layout == "butd-tsv"
+                   else " · precomputed region features: no photo files, regions named by index" if self.precomputed
+                   else ""))
 
 
 

@@ -61,7 +61,10 @@ def region_names(regions: Regions) -> list[str]:
     names = []
     for box, label, score, detected in zip(unit, regions.labels, regions.scores, regions.detected):
         if detected:
-            names.append(f"{label} {score:.0%}" if score >= 0.1 else f"{label}? {score:.1%}")
+            if not label:  # a box with no class, as bottom-up-attention files give them
+                names.append("box")
+            else:
+                names.append(f"{label} {score:.0%}" if score >= 0.1 else f"{label}? {score:.1%}")
             continue
         n = max(1, round(1 / max(float(box[2] - box[0]), 1e-6)))
         if n == 1:

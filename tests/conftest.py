@@ -34,6 +34,16 @@ def call_api(url: str, api: str, data: list) -> str:
     return payload if kind == "error" else json.loads(payload)[-1]
 
 
+def butd_line(image_id, width, height, boxes, features) -> str:
+    """One row as Anderson et al.'s bottom-up-attention extractor writes it."""
+    import base64
+
+    import numpy as np
+
+    b64 = lambda a: base64.b64encode(np.ascontiguousarray(a, dtype=np.float32).tobytes()).decode()  # noqa: E731
+    return "\t".join([str(image_id), str(width), str(height), str(len(boxes)), b64(boxes), b64(features)])
+
+
 def make_flickr_subset(root: Path, src: Path, n_train: int, n_dev: int, n_test: int = 0) -> Path:
     """A Flickr8k-layout folder with the first photos of each split (symlinks, never copies)."""
     text, images = root / "Flickr8k_text", root / "Flicker8k_Dataset"

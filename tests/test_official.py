@@ -313,3 +313,38 @@ def test_the_demo_serves_an_imported_model_on_its_precomputed_folder(bigru_relea
     __import__("PIL.Image").Image.new("RGB", (64, 48), "red").save(photo)
     *_, message = h.rank_captions(str(photo), "", "")
     assert "cannot be computed for a new photo here" in message
+
+
+def test_an_imported_model_draws_real_boxes_on_a_tsv_gallery(bigru_release, tmp_path):
+    """The authors' features as their extractor writes them, with the photos beside: search, inspector and figure
+    draw the boxes."""
+    from app.handlers import Handlers
+    from chan.figure import figure_command
+    from chan.gallery import open_gallery
+    from tests.conftest import butd_line
+
+    folder = bigru_release[0]
+    out = tmp_path / "imported.safetensors"
+    import_official(folder / "model_best.pth.tar", out, vocab_json=folder / "f30k_precomp_vocab.json", trust_pickle=True)
+    tsv = tmp_path / "tsv"
+    tsv.mkdir()
+    rng = np.random.default_rng(5)
+    lines = []
+    for i in range(4):
+        image_id, w, h = str(1000092795 + i), 120, 90
+        x1, y1 = rng.uniform(0, 60, REGIONS), rng.uniform(0, 45, REGIONS)
+        boxes = np.stack([x1, y1, x1 + 30, y1 + 20], 1)
+        lines.append(butd_line(image_id, w, h, boxes, rng.standard_normal((REGIONS, IMG_DIM))))
+        __import__("PIL.Image").Image.new("RGB", (w, h), "blue").save(tsv / f"{image_id}.jpg")
+    (tsv / "test.tsv").write_text("\n".join(lines) + "\n")
+    gallery = open_gallery(tsv, out, progress=False)
+    assert gallery.precomputed and "bottom-up-attention TSV" in gallery.describe()
+    h = Handlers(gallery, upload_folder=tmp_path)
+    items, ids, status = h.search_images("a dog runs through the snow", 3)
+    assert len(ids) == 3 and str(items[0][0]).endswith(".jpg")  # the photo itself, not a stand-in card
+    r = h.align(None, "a dog runs through the snow", ids[0])
+    assert r.drawn is not None and "r0 box" in r.hard.data[0].x and "named by index" not in r.status
+    fig_path = tmp_path / "fig.svg"
+    fig = figure_command("a dog runs through the snow", fig_path, out, gallery=tsv, photo_id=ids[0])
+    photo_ax = next(ax for ax in fig.axes if ax.get_label() == "photo")
+    assert fig_path.is_file() and len(photo_ax.patches) == len(r.words)
