@@ -30,7 +30,8 @@ def encode_table(model: CHAN, table: RegionTable, ids: list[str], batch: int = 2
     out = []
     for s in range(0, len(rows), batch):
         part = rows[s : s + batch]
-        out.append(model.encode_images(table.features[part], maps=None if table.maps is None else table.maps[part])[0])
+        features, maps = table.model_inputs(part)
+        out.append(model.encode_images(features, maps=maps)[0])
     emb = torch.cat(out)
     return EncodedImages(emb, torch.ones(emb.shape[:2], dtype=torch.bool))
 

@@ -62,6 +62,10 @@ class RegionTable:
     def rows(self, ids: list[str]) -> torch.Tensor:
         return torch.tensor([self.index[i] for i in ids], dtype=torch.long)
 
+    def model_inputs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the image encoder reads for these rows: region features, and trunk maps where they are kept."""
+        return self.features[rows], None if self.maps is None else self.maps[rows]
+
     def regions(self, photo_id: str) -> Regions:
         i = self.index[photo_id]
         return Regions(

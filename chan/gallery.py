@@ -141,8 +141,7 @@ class Gallery:
                           extractor=self.extractor, on_shard=self._add_shard)
         rest = [p.id for p in self.dataset.photos if p.id in table.index and p.id not in self.index.photo_index]
         for s in tqdm(range(0, len(rest), INDEX_CHUNK), desc="gallery", unit="chunk", disable=not self._show_bars or not rest):
-            rows = table.rows(rest[s : s + INDEX_CHUNK])
-            self._add(rest[s : s + INDEX_CHUNK], table.features[rows], None if table.maps is None else table.maps[rows])
+            self._add(rest[s : s + INDEX_CHUNK], *table.model_inputs(table.rows(rest[s : s + INDEX_CHUNK])))
         self.table = table
         self.progress.skipped = len(self.all_photos) - len(self.index.photos)
         self.index.save(self.cache_path)

@@ -9,6 +9,8 @@ photo as well, so that a model can tune the backbone's tail (`chan.backbone`).
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -76,6 +78,13 @@ def region_names(regions: Regions) -> list[str]:
     return names
 
 
+@contextmanager
+def _timed(into: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    into[name] = into.get(name, 0.0) + time.perf_counter() - start
+
+
 class RegionExtractor:
     """Photos in, `Regions` out; deterministic, batched, CPU."""
 
@@ -85,6 +94,11 @@ class RegionExtractor:
         self.backbone = load_backbone(settings.backbone)
         self.split = settings.tail_start or len(self.backbone._blocks)
         self.tail = BackboneTail(self.backbone, self.split).eval()
+        self.stage_seconds: dict[str, float] | None = None  # set to {} to have each stage's time summed into it
+
+    def _stage(self, name: str):
+        """Time a stage into `stage_seconds` when it is being collected (benchmarks/extraction.py)."""
+        return _timed(self.stage_seconds, name) if self.stage_seconds is not None else nullcontext()
 
     @cached_property
     def label_names(self) -> list[str]:
@@ -101,17 +115,22 @@ class RegionExtractor:
         s = self.settings
         limit = min(s.max_detections, s.num_regions - int(s.whole_photo))
         if s.proposals == "detections":
-            det_in = torch.stack([self._tensor(p, self.detector.input_size) for p in photos])
-            return [(b / self.detector.input_size, sc, c) for b, sc, c in self.detector(det_in, max_det=limit)]
-        per_size = [self.detector.proposals(torch.stack([self._tensor(p, size) for p in photos]), s.min_objectness)
-                    for size in s.detector_sizes]
+            with self._stage("resize"):
+                det_in = torch.stack([self._tensor(p, self.detector.input_size) for p in photos])
+            with self._stage("detector"):  # its confidence threshold and NMS included
+                return [(b / self.detector.input_size, sc, c) for b, sc, c in self.detector(det_in, max_det=limit)]
+        with self._stage("resize"):
+            inputs = [torch.stack([self._tensor(p, size) for p in photos]) for size in s.detector_sizes]
+        with self._stage("detector"):
+            per_size = [self.detector.proposals(x, s.min_objectness) for x in inputs]
         out = []
-        for found in zip(*per_size):
-            boxes, objectness, classes, class_prob = (torch.cat(parts) for parts in zip(*found))
-            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-            keep = torch.nonzero(area >= s.min_box_area).flatten()
-            keep = keep[nms(boxes[keep], objectness[keep], s.detector_iou)][:limit]
-            out.append((boxes[keep], (objectness * class_prob)[keep], classes[keep]))
+        with self._stage("nms"):
+            for found in zip(*per_size):
+                boxes, objectness, classes, class_prob = (torch.cat(parts) for parts in zip(*found))
+                area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+                keep = torch.nonzero(area >= s.min_box_area).flatten()
+                keep = keep[nms(boxes[keep], objectness[keep], s.detector_iou)][:limit]
+                out.append((boxes[keep], (objectness * class_prob)[keep], classes[keep]))
         return out
 
     @torch.no_grad()
@@ -121,9 +140,11 @@ class RegionExtractor:
         if not photos:
             return []
         detections = self._detections(photos)
-        net_in = torch.stack([self._tensor(p, s.image_size) for p in photos])
-        stage = run_trunk(self.backbone, (net_in - 0.5) / 0.5, self.split)
-        fmap = self.tail(stage)
+        with self._stage("resize"):
+            net_in = torch.stack([self._tensor(p, s.image_size) for p in photos])
+        with self._stage("backbone"):
+            stage = run_trunk(self.backbone, (net_in - 0.5) / 0.5, self.split)
+            fmap = self.tail(stage)
 
         unit_boxes = []
         for boxes, _, _ in detections:
@@ -131,8 +152,10 @@ class RegionExtractor:
             rest = s.num_regions - len(whole) - len(boxes)
             unit_boxes.append(torch.tensor(whole + boxes.tolist() + grid_boxes(1, 1, rest), dtype=torch.float32))
         unit_boxes = torch.stack(unit_boxes)
-        pooled = pool_regions(fmap, unit_boxes, s.roi_size)
-        probs = self.backbone._fc(pooled).softmax(-1)
+        with self._stage("roi_align"):
+            pooled = pool_regions(fmap, unit_boxes, s.roi_size)
+        with self._stage("classify"):  # ImageNet labels for the grid cells
+            probs = self.backbone._fc(pooled).softmax(-1)
         n_coco = len(self.detector.class_names)
 
         out = []

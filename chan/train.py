@@ -202,8 +202,7 @@ def train(c: TrainConfig) -> dict:
         for s in bar:
             idx = order[s : s + c.batch_size]
             rows = photo_index[idx]
-            feats = table.features[rows]
-            maps = None if table.maps is None else table.maps[rows]
+            feats, maps = table.model_inputs(rows)
             regions, rmask = model.encode_images(feats, _region_dropout(len(rows), feats.shape[1], c.region_dropout), maps)
             if frozen is not None:
                 ids, tmask, states = frozen.batch(idx)
