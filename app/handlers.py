@@ -90,6 +90,11 @@ def top_k(k) -> int:
     return int(k)
 
 
+def with_notes(status: str, notes: list[str]) -> str:
+    """A status line with each note the user should see below it."""
+    return "  \n".join([status] + [f"⚠️ {n}" for n in notes])
+
+
 def rank_change(rank: int, main_rank: int | None, main: str, k: int) -> str:
     """How a photo's rank here compares with the main model's: '▲2 (CHAN #5)', '= CHAN', 'not in CHAN's top 12'."""
     if main_rank is None:
@@ -173,7 +178,7 @@ class Handlers:
         items = [(h.path or figures.placeholder(h.photo_id, h.caption), f"#{h.rank} · {h.score:.3f} ({g.model_name}) · {h.caption}")
                  for h in hits]
         status = f"Top {len(hits)} of {len(g.photos)} photos in {ms:.0f} ms · {self._scored_by(g)}."
-        return SearchResult(items, [h.photo_id for h in hits], "  \n".join([status] + [f"⚠️ {n}" for n in notes]))
+        return SearchResult(items, [h.photo_id for h in hits], with_notes(status, notes))
 
     @friendly(CompareResult)
     def compare_images(self, query: str, k: float = 12, label: str = NO_COMPARISON):
@@ -195,7 +200,7 @@ class Handlers:
                  for h in hits]
         status = (f"Top {len(hits)} of {len(other.photos)} photos in {ms:.0f} ms · {self._scored_by(other)}. "
                   f"Marks: this photo's rank by {main} (▲ {other.model_name} ranks it higher, ▼ lower).")
-        return CompareResult(items, "  \n".join([status] + [f"⚠️ {n}" for n in notes]))
+        return CompareResult(items, with_notes(status, notes))
 
     @friendly(RankResult)
     def rank_captions(self, image_path: str | dict | None, own_captions: str = "", photo_id: str = ""):
@@ -222,7 +227,7 @@ class Handlers:
                       f"{len(names)} in all.")
         if own:
             status += f" Yours: {', '.join(f'#{r.rank}' for r in ranked if r.source == 'yours')}."
-        status = "  \n".join([status] + [f"⚠️ {n}" for n in self.gallery.partial_note(self.gallery.index)])
+        status = with_notes(status, self.gallery.partial_note(self.gallery.index))
         return RankResult(rows, drawn, status)
 
     def _photo(self, image_path: str | None, photo_id: str | None) -> Image.Image | None:

@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 def launch(cache: Path, gallery: Path | None, whole_index: bool) -> dict[str, float]:
     """Seconds from the process start to the page answering, to a search over some photos, and (cold) to the whole index."""
-    port, url = _free_port(), None
+    port = _free_port()
     args = [sys.executable, "app.py", "--port", str(port)] + (["--gallery", str(gallery)] if gallery else [])
     start = time.monotonic()
     app = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "CHAN_CACHE": str(cache)},

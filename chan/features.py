@@ -162,11 +162,12 @@ def extract(
     extractor: RegionExtractor | None = None,
     progress: bool = True,
     redo: set[str] | None = None,
-    on_shard: Callable[[list[str], list[Regions], int], None] | None = None,
+    on_shard: Callable[[list[str], dict[str, torch.Tensor], int], None] | None = None,
 ) -> RegionTable:
     """Region features of every photo of `dataset` into `out`, reusing what `out` already holds (except `redo`).
 
-    `on_shard(ids, regions, skipped)` hears about each shard as soon as it is written.
+    `on_shard(ids, tensors, skipped)` hears about each shard as soon as it is written, with the shard's tensors
+    as the cache holds them (`features`, and `maps` where kept; empty when no photo of the shard could be read).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -209,12 +210,14 @@ def extract(
                 regions += extractor(images)
                 ids += batch
                 bar.update(len(shard[b : b + batch_size]))
+            tensors = {}
             if ids:
                 number = 1 + max((int(p.name[:5]) for p in parts_dir.glob("*.safetensors")), default=0)
-                _write(*_pack(ids, regions, extractor, stats), parts_dir / f"{number:05d}.safetensors")
+                tensors, meta = _pack(ids, regions, extractor, stats)
+                _write(tensors, meta, parts_dir / f"{number:05d}.safetensors")
             failures += skipped
             if on_shard:
-                on_shard(ids, regions, skipped)
+                on_shard(ids, tensors, skipped)
         bar.close()
         if failures:
             log.warning("%d photos could not be decoded and were skipped", failures)
@@ -222,7 +225,7 @@ def extract(
     if not parts:
         raise CacheError(f"no photo of {dataset.root} could be decoded")
     if len(parts) == 1:
-        parts[0].replace(out)  # nothing new (only unreadable photos were tried again): no rewrite
+        parts[0].replace(out)  # one part is already the whole file: no rewrite
     else:
         _merge(parts, out)
     shutil.rmtree(parts_dir)

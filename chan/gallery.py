@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -147,24 +146,23 @@ class Gallery:
         self.index.save(self.cache_path)
         self.progress.finished = True
 
-    def _add_shard(self, ids: list[str], regions: list[Regions], skipped: int) -> None:
+    def _add_shard(self, ids: list[str], shard: dict[str, torch.Tensor], skipped: int) -> None:
         self.progress.skipped += skipped
         if ids:
-            maps = None if regions[0].stage_map is None else torch.from_numpy(np.stack([r.stage_map for r in regions]))
-            self._add(ids, torch.from_numpy(np.stack([r.features for r in regions])).half(), maps)
+            self._add(ids, shard["features"], shard.get("maps"))
 
     @torch.no_grad()
     def _add(self, ids: list[str], features: torch.Tensor, maps: torch.Tensor | None) -> None:
         """Encode these photos (cached fp16 features) and their captions, then swap in the larger index."""
-        regions = self.model.encode_images(features, maps=maps)[0].half()
+        regions = self.model.encode_images(features, maps=maps)[0].half()  # fp16 as the cache keeps them
         captions = [self.captions_by_photo[i] for i in ids]
         texts = [t for caps in captions for t in caps]
         if texts:
             enc = encode_captions(self.model, texts)
-            words, mask = enc.embeddings.half().float(), enc.mask
+            words, lengths = enc.embeddings[enc.mask].half(), enc.mask.sum(1)
         else:
-            words, mask = torch.zeros(0, 1, regions.shape[-1]), torch.zeros(0, 1, dtype=torch.bool)
-        self.index = self.index.extended([self.all_photos[i] for i in ids], regions, captions, words, mask)
+            words, lengths = torch.zeros(0, regions.shape[-1]), torch.zeros(0, dtype=torch.long)
+        self.index = self.index.extended([self.all_photos[i] for i in ids], regions, captions, words, lengths)
         self.progress.done += len(ids)
 
     def photo_path(self, photo_id: str) -> Path | None:
@@ -184,9 +182,6 @@ class Gallery:
             if self._extractor is None and not self.precomputed:
                 self._extractor = RegionExtractor(self.settings)
         return self._extractor
-
-    def _encode_query(self, text: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        return encode_query(self.model, text)
 
     def _was_truncated(self, text: str) -> bool:
         return self.model.config.text_encoder == "bert" and int(self.model.text_encoder.tokenize([text])[1].sum()) >= MAX_TOKENS
@@ -223,7 +218,7 @@ class Gallery:
     def search_images(self, text: str, k: int = 12) -> tuple[list[Hit], list[str], float]:
         """Top-k photos for a caption; returns hits, notes about the query, and milliseconds taken."""
         start = time.perf_counter()
-        emb, mask, words = self._encode_query(text)
+        emb, mask, words = encode_query(self.model, text)
         index = self._indexed()
         with torch.no_grad():
             scores = self.model.scores(index.region_embeddings, index.region_mask, emb, mask)[:, 0]
@@ -255,15 +250,12 @@ class Gallery:
                              "which cannot be computed for a new photo here: pick a gallery photo instead.")
         return self.extractor([load_photo(photo)])[0]
 
-    def _region_embeddings(self, regions: Regions) -> torch.Tensor:
-        return region_embeddings(self.model, regions)
-
     def rank_captions(self, regions: Regions, own: list[str] | None = None, photo_id: str | None = None,
                       limit: int = 20) -> list[RankedCaption]:
         """Gallery captions and your own, ranked for one photo's regions."""
         own = [clean_text(t) for t in (own or []) if t.strip()]
         index = self.index
-        image = self._region_embeddings(regions)[None]
+        image = region_embeddings(self.model, regions)[None]
         image_mask = torch.ones(image.shape[:2], dtype=torch.bool)
         with torch.no_grad():
             gallery_scores = (self.model.scores(image, image_mask, index.caption_words, index.caption_mask)[0]

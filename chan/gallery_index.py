@@ -48,15 +48,17 @@ class GalleryIndex:
         return torch.ones(self.region_embeddings.shape[:2], dtype=torch.bool)
 
     def extended(self, photos: list[Photo], regions: torch.Tensor, captions: list[list[str]],
-                 words: torch.Tensor, mask: torch.Tensor) -> "GalleryIndex":
-        """This index plus `photos`: their region embeddings, their captions (one list a photo) and those captions'
-        word embeddings and mask, in order."""
+                 words: torch.Tensor, lengths: torch.Tensor) -> "GalleryIndex":
+        """This index plus `photos`: their region embeddings, their captions (one list a photo), and those captions'
+        pooled word embeddings, flat (sum of `lengths`, D) caption after caption, with each caption's word count."""
         texts = [t for caps in captions for t in caps]
-        words, mask = _packed(words[: len(texts)], mask[: len(texts)])
         owner = [len(self.photos) + i for i, caps in enumerate(captions) for _ in caps]
-        L = max(self.caption_words.shape[1], words.shape[1] if len(texts) else 1)
-        pad = lambda t, extra=(): F.pad(t, (*extra, 0, L - t.shape[1]))  # noqa: E731
         dtype = self.region_embeddings.dtype
+        L = max(self.caption_words.shape[1], int(lengths.max()) if len(lengths) else 1)
+        mask = torch.arange(L)[None] < lengths[:, None]
+        padded = torch.zeros(len(lengths), L, self.caption_words.shape[-1], dtype=dtype)
+        padded[mask] = words.to(dtype)
+        pad = lambda t, extra=(): F.pad(t, (*extra, 0, L - t.shape[1]))  # noqa: E731
         before = self.region_embeddings if len(self.photos) else regions.new_zeros((0, *regions.shape[1:]), dtype=dtype)
         return GalleryIndex(
             self.photos + tuple(photos),
@@ -64,8 +66,8 @@ class GalleryIndex:
             self.first_caption + tuple(caps[0] if caps else "" for caps in captions),
             self.caption_texts + tuple(texts),
             torch.cat([self.caption_photo, torch.tensor(owner, dtype=torch.long)]),
-            torch.cat([pad(self.caption_words, (0, 0)), pad(words.to(dtype), (0, 0))]),
-            torch.cat([pad(self.caption_mask), pad(mask)]),
+            torch.cat([pad(self.caption_words, (0, 0)), padded]),
+            torch.cat([pad(self.caption_mask), mask]),
         )
 
     def save(self, path: Path) -> None:
@@ -86,22 +88,9 @@ class GalleryIndex:
         lengths = t["caption_lengths"]
         if sum(map(len, captions)) != len(lengths) or int(lengths.sum()) != len(t["caption_words"]):
             raise IndexCacheError(f"{path}: made for other captions")
-        L = int(lengths.max()) if len(lengths) else 1
-        mask = torch.arange(L)[None] < lengths[:, None]
-        words = torch.zeros(len(lengths), L, t["caption_words"].shape[-1])
-        words[mask] = t["caption_words"].float()
-        regions = t["regions"].to(dtype) if dtype != torch.float32 else t["regions"].float()
-        return cls.empty(regions.shape[-1], dtype).extended([photos[i] for i in ids], regions, captions, words, mask)
-
-
-def _packed(words: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each caption's pooled words moved to the front (the mask need not be a prefix: [CLS] may be left out)."""
-    lengths = mask.sum(1)
-    L = max(int(lengths.max()) if len(lengths) else 1, 1)
-    prefix = torch.arange(L)[None] < lengths[:, None]
-    packed = words.new_zeros(len(words), L, words.shape[-1])
-    packed[prefix] = words[mask]
-    return packed, prefix
+        regions = t["regions"]
+        return cls.empty(regions.shape[-1], dtype).extended([photos[i] for i in ids], regions, captions,
+                                                            t["caption_words"], lengths)
 
 
 @dataclass

@@ -17,10 +17,9 @@ from .encoding import encode_captions, encode_table
 from .evaluate import protocol_pairs
 from .features import RegionTable
 from .metrics import recall_metrics
-from .model import CHAN
+from .model import CHAN, SPECIAL_TOKENS
 from .region_settings import RegionSettings
 
-SPECIAL_TOKENS = frozenset({"[CLS]", "[SEP]", "[PAD]", "[MASK]", "<start>", "<end>", "<pad>", "<mask>"})
 STOPWORDS = frozenset(
     "a an the and or but of in on at to from by with without for into onto over under near as is are was were be "
     "been being it its this that these those there their his her he she they them who which while one two some "

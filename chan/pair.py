@@ -8,12 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .model import CHAN
+from .model import CHAN, SPECIAL_TOKENS
 from .regions import Regions, region_names
 from .similarity import Alignment, align
 
 MAX_QUERY_CHARS = 2000
-SPECIAL_TOKENS = frozenset({"[CLS]", "[SEP]", "<start>", "<end>"})
 PALETTE = [  # a word's colour, the same in every renderer
     "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
     "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075",
