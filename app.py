@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compare", action="store_true", help="serve the main model alone")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="where the models and the gallery index run: auto (the first CUDA GPU when there is one, "
+                        "else the CPU), cpu, cuda or cuda:N (default: auto)")
     args = p.parse_args(argv)
     if args.no_compare:
         args.compare = []
@@ -45,11 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
+    from chan.device import resolve_device
     from chan.gallery import Comparison, index_in_background, open_gallery
 
     try:
+        device = resolve_device(args.device)
         comparisons = [Comparison.of(c) for c in args.compare]
-        gallery = open_gallery(args.gallery, args.checkpoint, args.split, index_now=False)
+        gallery = open_gallery(args.gallery, args.checkpoint, args.split, index_now=False, device=device)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from .data import DEFAULT_DATA
+from .device import add_device_option, resolve_device
+from .distributed import join
 from .similarity import POOLINGS, SCORERS
 
 
@@ -25,7 +29,10 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     dataset = open_dataset(args.data).split(args.split)
     legacy = LEGACY if args.proposals == "legacy" else {}
     settings = RegionSettings(**{**legacy, "num_regions": args.regions, "backbone": args.backbone, "image_size": args.image_size})
-    table = extract(dataset, args.out, settings, batch_size=args.batch_size)
+    world, device = join(args.device)  # one process, or one of torchrun's
+    table = extract(dataset, args.out, settings, batch_size=args.batch_size, device=device, world=world)
+    if not world.main:
+        return
     print(f"{args.out}: {len(table.photo_ids)} photos x {table.features.shape[1]} regions x {table.features.shape[2]} dims")
 
 
@@ -37,13 +44,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    evaluate_command(args.checkpoint, args.data, args.split, args.json, args.similarity)
+    evaluate_command(args.checkpoint, args.data, args.split, args.json, args.similarity, resolve_device(args.device))
 
 
 def _cmd_alignments(args: argparse.Namespace) -> None:
     from .locality import alignments_command
 
-    alignments_command(args.checkpoint, args.data, args.split, args.json)
+    alignments_command(args.checkpoint, args.data, args.split, args.json, resolve_device(args.device))
 
 
 def _cmd_figure(args: argparse.Namespace) -> None:
@@ -70,7 +77,7 @@ def _cmd_import_official(args: argparse.Namespace) -> None:
 
 
 def evaluate_command(checkpoints: list[Path] | None, data: Path, split: str | None, json_path: Path | None,
-                     similarity: str | None = None) -> dict:
+                     similarity: str | None = None, device: torch.device | str = "cpu") -> dict:
     """Evaluate a checkpoint (default: the app's), or the mean score of several (an ensemble).
 
     A split of 5,000 photos (COCO 5K) is also reported with the 5-fold 1K protocol (keys `fold5_*`).
@@ -81,7 +88,7 @@ def evaluate_command(checkpoints: list[Path] | None, data: Path, split: str | No
 
     dataset, split = open_split(data, split)
     checkpoints = checkpoints or [DEFAULT_CHECKPOINT]
-    scores, owner = ensemble_scores(checkpoints, dataset, similarity)
+    scores, owner = ensemble_scores(checkpoints, dataset, similarity, device)
     metrics = recall_metrics(scores, owner)
     print(f"{scores.shape[0]} photos, {scores.shape[1]} captions, split {split or '(all photos)'}"
           + (f", mean score of {len(checkpoints)} models" if len(checkpoints) > 1 else ""))
@@ -143,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="efficientnet-lite0", choices=["efficientnet-lite0", "efficientnet-lite2"])
     p.add_argument("--image-size", type=int, default=320, help="backbone input side in pixels (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="photos per batch (default: %(default)s)")
+    add_device_option(p)
     p.set_defaults(func=_cmd_extract)
 
     d = TrainConfig()
@@ -177,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="content: special tokens and punctuation never align or pool; all: every token (default: %(default)s)")
     p.add_argument("--max-photos", type=int, default=None, help="use only the first N train photos (quick runs)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this trained checkpoint (same options and regions): its weights, its epoch count and "
+                        "history (fresh optimizer state); --epochs counts its epochs too")
+    add_device_option(p)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
+                   help="auto and bf16: bf16 autocast on a GPU; fp32: none. On the CPU the tuned backbone tail "
+                        "always runs in bf16 autocast (default: %(default)s)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="R@1/5/10 both ways, RSUM, median and mean rank")
@@ -190,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the metrics as flat JSON")
     p.add_argument("--similarity", choices=list(SCORERS), default=None,
                    help="score with this similarity instead of the one the model was trained with")
+    add_device_option(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("alignments", help="where words hard-align: whole photo, detections or grid cells, over a split",
@@ -201,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: %(default)s)")
     p.add_argument("--split", default=None, help="default: test where the dataset has one, else every photo")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as flat JSON")
+    add_device_option(p)
     p.set_defaults(func=_cmd_alignments)
 
     p = sub.add_parser("figure", help="a publication figure of one caption's word-region alignment (pdf, svg or png)",

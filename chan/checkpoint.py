@@ -27,8 +27,9 @@ class CheckpointError(store.StoreError):
 
 def save_checkpoint(model: CHAN, region_settings: RegionSettings | PrecomputedSettings, path: Path, info: dict | None = None,
                     dtype: torch.dtype = torch.float16) -> None:
-    """Write the trainable tensors (fp16 by default; imports keep fp32 to reproduce scores exactly)."""
-    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.trainable_state().items()}
+    """Write the trainable tensors (fp16 by default; imports keep fp32 to reproduce scores exactly), from the CPU
+    whatever device the model is on, so that a checkpoint opens anywhere."""
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.trainable_state().items()}
     meta = {
         "config": json.dumps(model.describe()),
         "regions": region_settings.key(),

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import batched_nms
 
 
@@ -98,6 +99,13 @@ class Darknet(nn.Module):
         if pos != values.numel():
             raise RuntimeError(f"{path}: {values.numel() - pos} weights left over; cfg and weights disagree")
 
+    def fuse_batch_norm(self) -> "Darknet":
+        """Fold each batch norm into its convolution (inference only: same outputs up to float rounding, fewer passes)."""
+        for layer in self.layers:
+            if isinstance(layer._modules.get("bn"), nn.BatchNorm2d):
+                layer.conv, layer.bn = fuse_conv_bn_eval(layer.conv, layer.bn), nn.Identity()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) in [0, 1] -> detections (B, N, 4 + 1 + classes): xyxy in input pixels, obj, cls."""
         outputs, detections = [], []
@@ -125,7 +133,7 @@ class Darknet(nn.Module):
         A = anchors.shape[0]
         stride = input_size / H
         p = x.view(B, A, -1, H, W).permute(0, 1, 3, 4, 2)  # B A H W (5 + C)
-        gy, gx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        gy, gx = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device), indexing="ij")
         cx = (p[..., 0].sigmoid() + gx) * stride
         cy = (p[..., 1].sigmoid() + gy) * stride
         w = p[..., 2].exp() * anchors[:, 0].view(1, A, 1, 1)
@@ -145,6 +153,18 @@ class YoloV3Tiny(nn.Module):
         self.net.eval()
         self.class_names = [n.strip() for n in (folder / "coco.names").read_text().splitlines() if n.strip()]
         self.conf, self.iou = conf, iou
+        self.sessions: dict = {}  # input size -> an ONNX Runtime session of `net` (see `use_onnx_runtime`)
+
+    def use_onnx_runtime(self, sizes) -> "YoloV3Tiny":
+        """Run the network by ONNX Runtime at these input sizes (others stay with torch)."""
+        from .runtime import OnnxModule
+
+        self.sessions = {s: OnnxModule(self.net, torch.zeros(1, 3, s, s), f"yolov3-tiny-{s}") for s in sizes}
+        return self
+
+    def _raw(self, images: torch.Tensor) -> torch.Tensor:
+        session = self.sessions.get(images.shape[-1])
+        return session(images)[0] if session else self.net(images)
 
     @property
     def input_size(self) -> int:
@@ -155,7 +175,7 @@ class YoloV3Tiny(nn.Module):
         """Images (B, 3, S, S) in [0, 1] -> per image (boxes in input pixels, scores, class ids)."""
         out = []
         size = images.shape[-1]
-        for det in self.net(images):
+        for det in self._raw(images):
             cls_score, cls = det[:, 5:].max(1)
             score = det[:, 4] * cls_score
             keep = score > self.conf
@@ -174,7 +194,7 @@ class YoloV3Tiny(nn.Module):
         """
         size = images.shape[-1]
         out = []
-        for det in self.net(images):
+        for det in self._raw(images):
             keep = det[:, 4] > min_objectness
             det = det[keep]
             cls_prob, cls = det[:, 5:].max(1)

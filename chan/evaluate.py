@@ -35,7 +35,7 @@ def split_scores(model: CHAN, dataset: Dataset, table: RegionTable, progress: bo
     ids, texts, owner = protocol_pairs(dataset)
     images = encode_table(model, table, ids)
     captions = encode_captions(model, texts, progress=progress)
-    return model.scores(images.embeddings, images.mask, captions.embeddings, captions.mask), owner
+    return model.scores(images.embeddings, images.mask, captions.embeddings, captions.mask).cpu(), owner
 
 
 def evaluate(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool = False) -> dict[str, float]:
@@ -49,16 +49,18 @@ def open_split(data: Path, split: str | None) -> tuple[Dataset, str | None]:
     return dataset.split(split), split
 
 
-def checkpoint_scores(checkpoint: Path, dataset: Dataset, similarity: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def checkpoint_scores(checkpoint: Path, dataset: Dataset, similarity: str | None = None,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of one checkpoint on a dataset split (optionally with another similarity than it was trained with)."""
     from .checkpoint import load_checkpoint
 
     model, settings, _ = load_checkpoint(checkpoint)
     model.config.similarity = similarity or model.config.similarity
-    return split_scores(model, dataset, table_for(dataset, settings), progress=True)
+    return split_scores(model.to(device), dataset, table_for(dataset, settings, device=device), progress=True)
 
 
-def ensemble_scores(checkpoints: list[Path], dataset: Dataset, similarity: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ensemble_scores(checkpoints: list[Path], dataset: Dataset, similarity: str | None = None,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The mean score of several checkpoints (the authors' eval_ensemble), and each caption's photo index."""
-    runs = [checkpoint_scores(c, dataset, similarity) for c in checkpoints]
+    runs = [checkpoint_scores(c, dataset, similarity, device) for c in checkpoints]
     return sum(s for s, _ in runs) / len(runs), runs[0][1]

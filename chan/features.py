@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,13 +23,14 @@ from tqdm import tqdm
 
 from . import butd, store
 from .data import Dataset, row_step
+from .distributed import World
 from .photos import PhotoError, load_photo
 from .region_settings import PrecomputedSettings, RegionSettings
 from .regions import RegionExtractor, Regions
 
 log = logging.getLogger(__name__)
 FORMAT = "chan-regions-1"
-CACHE_DIR = Path(os.environ.get("CHAN_CACHE", Path(__file__).resolve().parents[1] / "cache"))
+CACHE_DIR = store.CACHE_DIR
 
 
 class FeatureMismatchError(ValueError):
@@ -163,21 +163,27 @@ def extract(
     progress: bool = True,
     redo: set[str] | None = None,
     on_shard: Callable[[list[str], dict[str, torch.Tensor], int], None] | None = None,
+    device: torch.device | str = "cpu",
+    world: World = World(),
 ) -> RegionTable:
     """Region features of every photo of `dataset` into `out`, reusing what `out` already holds (except `redo`).
 
     `on_shard(ids, tensors, skipped)` hears about each shard as soon as it is written, with the shard's tensors
     as the cache holds them (`features`, and `maps` where kept; empty when no photo of the shard could be read).
+    Under torchrun, each process extracts its part of the missing photos into the same resumable folder of
+    shards, and the first one merges them.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     parts_dir = out.with_name(out.name + ".parts")
-    parts_dir.mkdir(exist_ok=True)
-    if out.exists():
-        load_table(out, settings)  # refuses a file made with other settings
-        if redo:
-            _drop_photos(out, redo)
-        shutil.move(str(out), parts_dir / "00000-previous.safetensors")
+    if world.main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        parts_dir.mkdir(exist_ok=True)
+        if out.exists():
+            load_table(out, settings)  # refuses a file made with other settings
+            if redo:
+                _drop_photos(out, redo)
+            shutil.move(str(out), parts_dir / "00000-previous.safetensors")
+    world.barrier()
     done: set[str] = set()
     for part in sorted(parts_dir.glob("*.safetensors")):
         try:
@@ -190,8 +196,9 @@ def extract(
             raise CacheError(f"{part}: left by an extraction with other settings; delete {parts_dir}")
         done.update(json.loads(meta["photo_ids"]))
     todo = [p for p in dataset.photos if p.id not in done]
+    todo = todo[world.shard(len(todo))]
     if todo:
-        extractor = extractor or RegionExtractor(settings)
+        extractor = extractor or RegionExtractor(settings, device=device)
         failures = 0
         bar = tqdm(total=len(todo), desc="regions", unit="photo", disable=not progress)
         for start in range(0, len(todo), shard_size):
@@ -214,21 +221,25 @@ def extract(
             if ids:
                 number = 1 + max((int(p.name[:5]) for p in parts_dir.glob("*.safetensors")), default=0)
                 tensors, meta = _pack(ids, regions, extractor, stats)
-                _write(tensors, meta, parts_dir / f"{number:05d}.safetensors")
+                rank = f"-{world.rank}" if world.size > 1 else ""  # processes never write the same file
+                _write(tensors, meta, parts_dir / f"{number:05d}{rank}.safetensors")
             failures += skipped
             if on_shard:
                 on_shard(ids, tensors, skipped)
         bar.close()
         if failures:
             log.warning("%d photos could not be decoded and were skipped", failures)
-    parts = sorted(parts_dir.glob("*.safetensors"))
-    if not parts:
-        raise CacheError(f"no photo of {dataset.root} could be decoded")
-    if len(parts) == 1:
-        parts[0].replace(out)  # one part is already the whole file: no rewrite
-    else:
-        _merge(parts, out)
-    shutil.rmtree(parts_dir)
+    world.barrier()
+    if world.main:
+        parts = sorted(parts_dir.glob("*.safetensors"))
+        if not parts:
+            raise CacheError(f"no photo of {dataset.root} could be decoded")
+        if len(parts) == 1:
+            parts[0].replace(out)  # one part is already the whole file: no rewrite
+        else:
+            _merge(parts, out)
+        shutil.rmtree(parts_dir)
+    world.barrier()
     return load_table(out, settings)
 
 

@@ -66,8 +66,11 @@ class Gallery:
     while queries already run on the photos indexed so far (`progress` says how far it has come).
     """
 
-    def __init__(self, checkpoint: Path, dataset: Dataset, progress: bool = True, index_now: bool = True):
+    def __init__(self, checkpoint: Path, dataset: Dataset, progress: bool = True, index_now: bool = True,
+                 device: torch.device | str = "cpu"):
         self.model, self.settings, self.info = load_checkpoint(checkpoint)
+        self.device = torch.device(device)
+        self.model.to(self.device)
         self.checkpoint = Path(checkpoint)
         self.name = self.checkpoint.name.removesuffix(".safetensors")
         self.dataset = dataset
@@ -75,7 +78,7 @@ class Gallery:
         self.captions_by_photo = dataset.captions_by_photo()
         # the hard scorer runs in bfloat16 over the gallery's regions and captions: half the memory
         dtype = torch.bfloat16 if self.model.config.similarity == "hard" else torch.float32
-        self.index = GalleryIndex.empty(self.model.config.embed_dim, dtype)
+        self.index = GalleryIndex.empty(self.model.config.embed_dim, dtype, self.device)
         self.table: RegionTable | None = None
         self.progress = IndexProgress(total=len(dataset.photos))
         self.cache_path = CACHE_DIR / f"gallery-{self._index_key(Path(checkpoint))}.safetensors"
@@ -127,7 +130,8 @@ class Gallery:
         """Load the cached index, or encode every photo and caption (extracting regions as needed), then cache it."""
         if self.cache_path.exists():
             try:
-                self.index = GalleryIndex.load(self.cache_path, self.all_photos, self.captions_by_photo, self.index.region_embeddings.dtype)
+                self.index = GalleryIndex.load(self.cache_path, self.all_photos, self.captions_by_photo,
+                                               self.index.region_embeddings.dtype, self.device)
             except IndexCacheError as e:
                 log.warning("%s; encoding the gallery again", e)
             else:
@@ -180,7 +184,7 @@ class Gallery:
         """One extractor for uploads and indexing alike (None for precomputed features)."""
         with self._extractor_lock:
             if self._extractor is None and not self.precomputed:
-                self._extractor = RegionExtractor(self.settings)
+                self._extractor = RegionExtractor(self.settings, device=self.device)
         return self._extractor
 
     def _was_truncated(self, text: str) -> bool:
@@ -221,7 +225,7 @@ class Gallery:
         emb, mask, words = encode_query(self.model, text)
         index = self._indexed()
         with torch.no_grad():
-            scores = self.model.scores(index.region_embeddings, index.region_mask, emb, mask)[:, 0]
+            scores = self.model.scores(index.region_embeddings, index.region_mask, emb, mask)[:, 0].cpu()
         top = scores.topk(min(k, len(scores)))
         hits = [
             Hit(r + 1, float(s), index.photos[i].id, str(index.photos[i].path or ""), index.first_caption[i])
@@ -256,14 +260,14 @@ class Gallery:
         own = [clean_text(t) for t in (own or []) if t.strip()]
         index = self.index
         image = region_embeddings(self.model, regions)[None]
-        image_mask = torch.ones(image.shape[:2], dtype=torch.bool)
+        image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
         with torch.no_grad():
-            gallery_scores = (self.model.scores(image, image_mask, index.caption_words, index.caption_mask)[0]
+            gallery_scores = (self.model.scores(image, image_mask, index.caption_words, index.caption_mask)[0].cpu()
                               if index.caption_texts else torch.zeros(0))
             own_scores = [torch.zeros(0)]
             for s in range(0, len(own), 32):  # bounded batches, whatever the count
                 emb, mask, _ = self.model.encode_texts(own[s : s + 32])
-                own_scores.append(self.model.scores(image, image_mask, emb, mask)[0])
+                own_scores.append(self.model.scores(image, image_mask, emb, mask)[0].cpu())
             own_scores = torch.cat(own_scores)
         target = index.photo_index.get(photo_id or "", -1)
         entries = [(float(s), own[i], "yours", False) for i, s in enumerate(own_scores.tolist())]
@@ -292,10 +296,11 @@ class Gallery:
 
 
 def open_gallery(folder: Path, checkpoint: Path, split: str | None = None, progress: bool = True,
-                 index_now: bool = True) -> Gallery:
+                 index_now: bool = True, device: torch.device | str = "cpu") -> Gallery:
     """A dataset folder's split (default: test where there is one, else every photo) as a gallery."""
     dataset = open_dataset(folder)
-    return Gallery(checkpoint, dataset.split(split or dataset.default_split()), progress=progress, index_now=index_now)
+    return Gallery(checkpoint, dataset.split(split or dataset.default_split()), progress=progress, index_now=index_now,
+                   device=device)
 
 
 def model_label(similarity: str, name: str) -> str:
@@ -330,7 +335,7 @@ def index_in_background(main: Gallery, comparisons: list[Comparison] = ()) -> th
         for c in comparisons:
             if c.gallery is None:
                 try:
-                    c.gallery = Gallery(c.checkpoint, main.dataset, progress=False, index_now=False)
+                    c.gallery = Gallery(c.checkpoint, main.dataset, progress=False, index_now=False, device=main.device)
                 except Exception:
                     log.exception("loading %s failed", c.checkpoint)
                     continue

@@ -35,9 +35,11 @@ class GalleryIndex:
     caption_mask: torch.Tensor  # (M, L)
 
     @classmethod
-    def empty(cls, dim: int, dtype: torch.dtype) -> "GalleryIndex":
-        return cls((), torch.zeros(0, 1, dim, dtype=dtype), (), (), torch.zeros(0, dtype=torch.long),
-                   torch.zeros(0, 1, dim, dtype=dtype), torch.zeros(0, 1, dtype=torch.bool))
+    def empty(cls, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> "GalleryIndex":
+        """An index of no photo, whose tensors live on `device` (where the model scores)."""
+        return cls((), torch.zeros(0, 1, dim, dtype=dtype, device=device), (), (),
+                   torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, 1, dim, dtype=dtype, device=device),
+                   torch.zeros(0, 1, dtype=torch.bool, device=device))
 
     @cached_property
     def photo_index(self) -> dict[str, int]:
@@ -45,7 +47,7 @@ class GalleryIndex:
 
     @cached_property
     def region_mask(self) -> torch.Tensor:
-        return torch.ones(self.region_embeddings.shape[:2], dtype=torch.bool)
+        return torch.ones(self.region_embeddings.shape[:2], dtype=torch.bool, device=self.region_embeddings.device)
 
     def extended(self, photos: list[Photo], regions: torch.Tensor, captions: list[list[str]],
                  words: torch.Tensor, lengths: torch.Tensor) -> "GalleryIndex":
@@ -53,19 +55,20 @@ class GalleryIndex:
         pooled word embeddings, flat (sum of `lengths`, D) caption after caption, with each caption's word count."""
         texts = [t for caps in captions for t in caps]
         owner = [len(self.photos) + i for i, caps in enumerate(captions) for _ in caps]
-        dtype = self.region_embeddings.dtype
+        dtype, device = self.region_embeddings.dtype, self.region_embeddings.device
         L = max(self.caption_words.shape[1], int(lengths.max()) if len(lengths) else 1)
-        mask = torch.arange(L)[None] < lengths[:, None]
-        padded = torch.zeros(len(lengths), L, self.caption_words.shape[-1], dtype=dtype)
-        padded[mask] = words.to(dtype)
+        mask = torch.arange(L, device=device)[None] < lengths.to(device)[:, None]
+        padded = torch.zeros(len(lengths), L, self.caption_words.shape[-1], dtype=dtype, device=device)
+        padded[mask] = words.to(device, dtype)
         pad = lambda t, extra=(): F.pad(t, (*extra, 0, L - t.shape[1]))  # noqa: E731
-        before = self.region_embeddings if len(self.photos) else regions.new_zeros((0, *regions.shape[1:]), dtype=dtype)
+        before = (self.region_embeddings if len(self.photos)
+                  else torch.zeros((0, *regions.shape[1:]), dtype=dtype, device=device))
         return GalleryIndex(
             self.photos + tuple(photos),
-            torch.cat([before, regions.to(dtype)]),
+            torch.cat([before, regions.to(device, dtype)]),
             self.first_caption + tuple(caps[0] if caps else "" for caps in captions),
             self.caption_texts + tuple(texts),
-            torch.cat([self.caption_photo, torch.tensor(owner, dtype=torch.long)]),
+            torch.cat([self.caption_photo, torch.tensor(owner, dtype=torch.long, device=device)]),
             torch.cat([pad(self.caption_words, (0, 0)), padded]),
             torch.cat([pad(self.caption_mask), mask]),
         )
@@ -74,11 +77,12 @@ class GalleryIndex:
         lengths = self.caption_mask.sum(1)
         tensors = {"regions": self.region_embeddings.half(), "caption_lengths": lengths,
                    "caption_words": self.caption_words[self.caption_mask].half()}
+        tensors = {k: v.cpu() for k, v in tensors.items()}  # a cache is device-free
         store.write(path, tensors, {"photo_ids": json.dumps([p.id for p in self.photos])}, FORMAT)
 
     @classmethod
     def load(cls, path: Path, photos: dict[str, Photo], captions_by_photo: dict[str, list[str]],
-             dtype: torch.dtype) -> "GalleryIndex":
+             dtype: torch.dtype, device: torch.device | str = "cpu") -> "GalleryIndex":
         """The index cached at `path`, over these photos and captions (its key vouches that they are the ones it was built from)."""
         t, meta = store.read(path, FORMAT, "gallery index of this version", error=IndexCacheError)
         ids = json.loads(meta["photo_ids"])
@@ -89,7 +93,7 @@ class GalleryIndex:
         if sum(map(len, captions)) != len(lengths) or int(lengths.sum()) != len(t["caption_words"]):
             raise IndexCacheError(f"{path}: made for other captions")
         regions = t["regions"]
-        return cls.empty(regions.shape[-1], dtype).extended([photos[i] for i in ids], regions, captions,
+        return cls.empty(regions.shape[-1], dtype, device).extended([photos[i] for i in ids], regions, captions,
                                                             t["caption_words"], lengths)
 
 

@@ -60,9 +60,9 @@ def alignment_locality(model: CHAN, settings, dataset: Dataset, table: RegionTab
     for s in range(0, len(texts), batch):
         emb, mask, words = captions.embeddings[s : s + batch], captions.mask[s : s + batch], captions.words[s : s + batch]
         photos = owner[s : s + batch]
-        chosen = torch.einsum("bld,bkd->blk", emb, images[photos]).argmax(-1)
+        chosen = torch.einsum("bld,bkd->blk", emb, images[photos.to(images.device)]).argmax(-1).cpu()
         for i, caption_words in enumerate(words):
-            picks = chosen[i][mask[i]].tolist()
+            picks = chosen[i][mask[i].cpu()].tolist()
             real = set()
             for word, region in zip(caption_words, picks):
                 category = word_kind(word)
@@ -81,13 +81,15 @@ def alignment_locality(model: CHAN, settings, dataset: Dataset, table: RegionTab
         "distinct_regions_per_caption": sum(distinct) / max(1, len(distinct)),
         "mean_chosen_area": area_sum / max(1, n_content) if has_area else None,
         "content_words": n_content, "stopwords": n_stop, "captions": len(texts), "photos": len(ids),
-        "rsum": recall_metrics(model.scores(images, torch.ones(images.shape[:2], dtype=torch.bool), captions.embeddings,
+        "rsum": recall_metrics(model.scores(images, torch.ones(images.shape[:2], dtype=torch.bool, device=images.device),
+                                            captions.embeddings,
                                             captions.mask), owner)["rsum"],
     }
     return out
 
 
-def alignments_command(checkpoint: Path | None, data: Path, split: str | None, json_path: Path | None) -> dict:
+def alignments_command(checkpoint: Path | None, data: Path, split: str | None, json_path: Path | None,
+                       device: torch.device | str = "cpu") -> dict:
     """Locality of a checkpoint's hard alignments (default: the app's checkpoint, the test split)."""
     from .checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
     from .evaluate import open_split
@@ -95,7 +97,7 @@ def alignments_command(checkpoint: Path | None, data: Path, split: str | None, j
 
     dataset, split = open_split(data, split)
     model, settings, _ = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT)
-    result = alignment_locality(model, settings, dataset, table_for(dataset, settings))
+    result = alignment_locality(model.to(device), settings, dataset, table_for(dataset, settings, device=device))
     print(f"{result['captions']} captions of split {split or '(all photos)'}, each with its own photo")
     print("content words on: " + ", ".join(f"{k.replace('_', ' ')} {result[f'{k}_share']:.1%}" for k in KINDS))
     print("stopwords on:     " + ", ".join(f"{k.replace('_', ' ')} {result[f'stopword_{k}_share']:.1%}" for k in KINDS))

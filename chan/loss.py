@@ -11,7 +11,7 @@ def triplet_loss(scores: torch.Tensor, same_photo: torch.Tensor, margin: float, 
     `hardest`, only the hardest negative per pair counts (VSE++); otherwise all are summed.
     """
     positive = scores.diag()
-    negatives = same_photo | torch.eye(len(scores), dtype=torch.bool)
+    negatives = same_photo.to(scores.device) | torch.eye(len(scores), dtype=torch.bool, device=scores.device)
     cost_caption = (margin + scores - positive[:, None]).clamp(min=0).masked_fill(negatives, 0)
     cost_image = (margin + scores - positive[None, :]).clamp(min=0).masked_fill(negatives, 0)
     if hardest:

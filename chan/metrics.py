@@ -16,7 +16,7 @@ def _rank(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def recall_metrics(scores: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
     """`scores` (N images, M captions); `caption_image[j]` is the image index of caption j."""
-    scores = scores.float()
+    scores, caption_image = scores.float().cpu(), caption_image.cpu()
     truth = caption_image[None, :] == torch.arange(scores.shape[0])[:, None]  # (N, M)
     ranks = {"i2t": _rank(scores, truth), "t2i": _rank(scores.T, truth.T)}
     out: dict[str, float] = {}

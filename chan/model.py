@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import BACKBONE_CHANNELS, BackboneTail, load_backbone, pool_regions
+from .device import bf16_pays
 from .similarity import SCORERS
 
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"]
@@ -76,7 +77,8 @@ class ImageEncoder(nn.Module):
 
     With `tail_start`, the backbone's tail is part of the model: region features are recomputed
     from each photo's cached trunk map (RoIAlign over the tuned tail's output), keeping the
-    stored geometry. The tail runs under bfloat16 autocast while training, to halve its cost.
+    stored geometry. The tail runs under bfloat16 autocast while training where that pays (a GPU, a CPU with
+    native bf16), to halve its cost.
     """
 
     def __init__(self, c: ModelConfig):
@@ -95,7 +97,7 @@ class ImageEncoder(nn.Module):
             return features.float()
         if maps is None:
             raise ValueError("this model tunes the backbone: it needs the photos' trunk maps, which these features lack")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.training):
+        with torch.autocast(maps.device.type, dtype=torch.bfloat16, enabled=self.training and bf16_pays(maps.device)):
             fmap = self.tail(maps.float())
         geometry = features[..., BACKBONE_CHANNELS:].float()
         return torch.cat([pool_regions(fmap, geometry[..., :4], self.roi_size), geometry], -1)
@@ -203,6 +205,8 @@ class BertEncoder(nn.Module):
             self._non_content = torch.tensor([not any(ch.isalnum() for ch in t) for t in tokens])
             t = self.tokenizer  # [UNK] stays: it stands for a word of the caption
             self._non_content[[t.cls_token_id, t.sep_token_id, t.pad_token_id, t.mask_token_id]] = True
+        if self._non_content.device != ids.device:
+            self._non_content = self._non_content.to(ids.device)
         return mask & ~self._non_content[ids]
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -245,10 +249,18 @@ class CHAN(nn.Module):
         self.image_encoder = ImageEncoder(config)
         self.text_encoder = BertEncoder(config) if config.text_encoder == "bert" else BiGRUEncoder(config)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are; inputs given on another device are moved here."""
+        return self.image_encoder.fc.weight.device
+
     def encode_images(self, features: torch.Tensor, mask: torch.Tensor | None = None,
                       maps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Region embeddings (N, K, D) and mask; `maps` (the trunk maps) are needed when the model tunes the tail."""
+        device = self.device
         mask = torch.ones(features.shape[:2], dtype=torch.bool) if mask is None else mask
+        features, mask = features.to(device), mask.to(device)
+        maps = maps.to(device) if maps is not None else None
         return self.image_encoder(features, mask, maps), mask
 
     def pooled_mask(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -258,6 +270,7 @@ class CHAN(nn.Module):
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
         """Word embeddings (M, L, D), the mask of the pooled tokens, and each caption's pooled tokens."""
         ids, mask, words = self.text_encoder.tokenize(texts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         pooled = self.pooled_mask(ids, mask)
         words = [[w for w, keep in zip(ws, row.tolist()) if keep] for ws, row in zip(words, pooled)]
         return self.text_encoder(ids, mask), pooled, words

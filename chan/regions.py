@@ -17,12 +17,14 @@ from functools import cached_property
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torchvision.models import EfficientNet_B0_Weights
 from torchvision.ops import nms
 
 from .backbone import BACKBONE_CHANNELS, BackboneTail, load_backbone, pool_regions, run_trunk
 from .detector import YoloV3Tiny
 from .region_settings import RegionSettings
+from .runtime import RUNTIMES, OnnxModule
 
 
 @dataclass
@@ -85,15 +87,45 @@ def _timed(into: dict[str, float], name: str):
     into[name] = into.get(name, 0.0) + time.perf_counter() - start
 
 
-class RegionExtractor:
-    """Photos in, `Regions` out; deterministic, batched, CPU."""
+class _FeatureNet(nn.Module):
+    """The backbone as extraction runs it: images in [-1, 1] -> (trunk output map, tail output map)."""
 
-    def __init__(self, settings: RegionSettings = RegionSettings()):
-        self.settings = settings
-        self.detector = YoloV3Tiny(conf=settings.detector_conf, iou=settings.detector_iou)
-        self.backbone = load_backbone(settings.backbone)
+    def __init__(self, backbone: nn.Module, split: int):
+        super().__init__()
+        self.backbone, self.split = backbone, split
+        self.tail = BackboneTail(backbone, split)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stage = run_trunk(self.backbone, images, self.split)
+        return stage, self.tail(stage)
+
+
+class RegionExtractor:
+    """Photos in, `Regions` out (always on the CPU, whatever device computed them); deterministic, batched.
+
+    The runtime runs the detector and the backbone: `"onnx"` (ONNX Runtime, the default on the CPU)
+    or `"torch"` (eager PyTorch on `device`, the default on a GPU). Both give the same regions up to
+    float rounding (`benchmarks/extraction.py` compares them).
+    """
+
+    def __init__(self, settings: RegionSettings = RegionSettings(), runtime: str | None = None,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        runtime = runtime or ("onnx" if self.device.type == "cpu" else "torch")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
+        if runtime == "onnx" and self.device.type != "cpu":
+            raise ValueError("the onnx runtime runs on the CPU here; use runtime='torch' on a GPU")
+        self.settings, self.runtime = settings, runtime
+        self.detector = YoloV3Tiny(conf=settings.detector_conf, iou=settings.detector_iou).to(self.device)
+        self.backbone = load_backbone(settings.backbone).to(self.device)
         self.split = settings.tail_start or len(self.backbone._blocks)
-        self.tail = BackboneTail(self.backbone, self.split).eval()
+        self.features = _FeatureNet(self.backbone, self.split).eval()
+        if runtime == "onnx":
+            sizes = [self.detector.input_size] if settings.proposals == "detections" else settings.detector_sizes
+            self.detector.use_onnx_runtime(sizes)
+            example = torch.zeros(1, 3, settings.image_size, settings.image_size)
+            self.features = OnnxModule(self.features, example, f"{settings.backbone}-{settings.image_size}-{self.split}")
         self.stage_seconds: dict[str, float] | None = None  # set to {} to have each stage's time summed into it
 
     def _stage(self, name: str):
@@ -116,11 +148,12 @@ class RegionExtractor:
         limit = min(s.max_detections, s.num_regions - int(s.whole_photo))
         if s.proposals == "detections":
             with self._stage("resize"):
-                det_in = torch.stack([self._tensor(p, self.detector.input_size) for p in photos])
+                det_in = torch.stack([self._tensor(p, self.detector.input_size) for p in photos]).to(self.device)
             with self._stage("detector"):  # its confidence threshold and NMS included
-                return [(b / self.detector.input_size, sc, c) for b, sc, c in self.detector(det_in, max_det=limit)]
+                return [(b.cpu() / self.detector.input_size, sc.cpu(), c.cpu())
+                        for b, sc, c in self.detector(det_in, max_det=limit)]
         with self._stage("resize"):
-            inputs = [torch.stack([self._tensor(p, size) for p in photos]) for size in s.detector_sizes]
+            inputs = [torch.stack([self._tensor(p, size) for p in photos]).to(self.device) for size in s.detector_sizes]
         with self._stage("detector"):
             per_size = [self.detector.proposals(x, s.min_objectness) for x in inputs]
         out = []
@@ -130,7 +163,7 @@ class RegionExtractor:
                 area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
                 keep = torch.nonzero(area >= s.min_box_area).flatten()
                 keep = keep[nms(boxes[keep], objectness[keep], s.detector_iou)][:limit]
-                out.append((boxes[keep], (objectness * class_prob)[keep], classes[keep]))
+                out.append((boxes[keep].cpu(), (objectness * class_prob)[keep].cpu(), classes[keep].cpu()))
         return out
 
     @torch.no_grad()
@@ -143,8 +176,7 @@ class RegionExtractor:
         with self._stage("resize"):
             net_in = torch.stack([self._tensor(p, s.image_size) for p in photos])
         with self._stage("backbone"):
-            stage = run_trunk(self.backbone, (net_in - 0.5) / 0.5, self.split)
-            fmap = self.tail(stage)
+            stage, fmap = self.features(((net_in - 0.5) / 0.5).to(self.device))
 
         unit_boxes = []
         for boxes, _, _ in detections:
@@ -153,9 +185,10 @@ class RegionExtractor:
             unit_boxes.append(torch.tensor(whole + boxes.tolist() + grid_boxes(1, 1, rest), dtype=torch.float32))
         unit_boxes = torch.stack(unit_boxes)
         with self._stage("roi_align"):
-            pooled = pool_regions(fmap, unit_boxes, s.roi_size)
+            pooled = pool_regions(fmap, unit_boxes.to(fmap.device), s.roi_size)
         with self._stage("classify"):  # ImageNet labels for the grid cells
-            probs = self.backbone._fc(pooled).softmax(-1)
+            probs = self.backbone._fc(pooled.to(self.device)).softmax(-1).cpu()
+        pooled, stage = pooled.cpu(), stage.cpu()
         n_coco = len(self.detector.class_names)
 
         out = []

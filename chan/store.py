@@ -1,11 +1,14 @@
 """The one way tensors are kept on disk here: safetensors tagged with their kind, written atomically, read with checks."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+CACHE_DIR = Path(os.environ.get("CHAN_CACHE", Path(__file__).resolve().parents[1] / "cache"))  # every cache of the project
 
 
 class StoreError(ValueError):

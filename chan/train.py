@@ -10,10 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEFAULT_DATA, open_dataset
+from .device import autocast
+from .distributed import gather_rows, join
 from .evaluate import evaluate
 from .features import RegionTable, table_for
 from .loss import triplet_loss
@@ -50,6 +54,9 @@ class TrainConfig:
     regions: str = "proposals"  # proposals: objectness-ranked boxes, no whole photo; legacy: whole photo + grid + detections
     tune_backbone: bool = True  # tune the backbone's tail on cached trunk maps (needs the proposals regions)
     pooled_tokens: str = "content"  # content: no special tokens or punctuation in the max and the pooling; all
+    init: Path | None = None  # start from this checkpoint's weights and continue its epochs (fresh optimizer state)
+    device: str = "auto"  # auto: the GPU when CUDA is available, else the CPU
+    precision: str = "auto"  # auto / bf16: bf16 autocast on a GPU; fp32: none (the CPU tunes the backbone tail in bf16)
 
 
 def build_vocab(captions: list[str]) -> list[str]:
@@ -96,7 +103,7 @@ class FrozenCaptionStates:
         encoder.eval()
         for s in tqdm(range(0, len(texts), chunk), desc="frozen text layers", unit="chunk"):
             ids, mask, _ = encoder.tokenize(texts[s : s + chunk])
-            parts.append((ids, mask, encoder.frozen_states(ids, mask).half()))
+            parts.append((ids, mask, encoder.frozen_states(ids.to(model.device), mask.to(model.device)).half().cpu()))
         encoder.train(was_training)
         L = max(i.shape[1] for i, _, _ in parts)
         pad = torch.nn.functional.pad
@@ -108,6 +115,63 @@ class FrozenCaptionStates:
         """ids, mask and float states of these captions, trimmed to their longest."""
         L = int(self.mask[idx].sum(1).max())
         return self.ids[idx, :L], self.mask[idx, :L], self.states[idx, :L].float()
+
+
+def _schedule_from(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.StepLR, epoch: int,
+                   lr_step: int) -> None:
+    """Continue the step schedule after `epoch` epochs with the command line's step (lr x0.1 every lr_step epochs)."""
+    scheduler.step_size = lr_step
+    scheduler.last_epoch = epoch
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * scheduler.gamma ** (epoch // lr_step)
+
+
+def _warm_start(model: CHAN, settings: RegionSettings, init: Path) -> tuple[int, list[dict]]:
+    """Load a trained checkpoint's weights into `model`; returns the epochs it ran and their history (if kept beside it)."""
+    trained, regions, info = load_checkpoint(init)
+    if trained.describe() != model.describe() or regions != settings:
+        raise ValueError(f"--init {init} was trained with another model or other regions (see its metadata); "
+                         "give the options it was trained with")
+    model.load_state_dict({**model.state_dict(), **trained.trainable_state()})
+    epochs = int(info.get("epoch", 0))
+    history_path = Path(init).with_suffix(".history.json")
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
+    log.info("starting from %s after its epoch %d (fresh optimizer state)", init, epochs)
+    return epochs, [h for h in history if h["epoch"] <= epochs]
+
+
+class _Encoders(nn.Module):
+    """The part of a training step that DistributedDataParallel wraps: both encoders, on this process's rows."""
+
+    def __init__(self, model: CHAN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features, region_mask, maps, token_mask, tokens=None, frozen_states=None):
+        regions, _ = self.model.encode_images(features, region_mask, maps)
+        if frozen_states is not None:
+            return regions, self.model.text_encoder.tuned_forward(frozen_states, token_mask)
+        return regions, self.model.text_encoder(tokens, token_mask)
+
+
+def _end_epoch(c: TrainConfig, model: CHAN, settings, dev_set, table: RegionTable, optimizer, scheduler, epoch: int,
+               losses: list[float], best: float, history: list[dict], started: float) -> float:
+    """Evaluate on dev, keep the best checkpoint, save the run state and the curves; returns the best dev RSUM."""
+    out = Path(c.out)
+    metrics = evaluate(model, dev_set, table)
+    history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **metrics, "minutes": (time.time() - started) / 60})
+    log.info("epoch %d dev: %s", epoch + 1, format_metrics(metrics))
+    if metrics["rsum"] > best:
+        best = metrics["rsum"]
+        info = {"train": {k: str(v) for k, v in asdict(c).items()}, "epoch": epoch + 1, "dev": metrics}
+        save_checkpoint(model, settings, out, info)
+    torch.save({"model": {k: v.cpu() for k, v in model.trainable_state().items()}, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch + 1,
+                "best": best, "history": json.dumps(history), "config": json.dumps(model.describe())},
+               out.with_suffix(".state.pt"))
+    out.with_suffix(".history.json").write_text(json.dumps(history, indent=1))
+    _plot_curves(history, out.with_suffix(".png"))
+    return best
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
@@ -137,6 +201,7 @@ def train(c: TrainConfig) -> dict:
     pooling = c.pooling or ("lse" if bigru else "mean")
     self_attention = bigru if c.self_attention is None else c.self_attention
 
+    world, device = join(c.device)
     dataset = open_dataset(c.data)
     train_set, dev_set = dataset.split("train"), dataset.split("dev")
     if c.max_photos:
@@ -158,7 +223,7 @@ def train(c: TrainConfig) -> dict:
         pooled_tokens=c.pooled_tokens, tail_start=settings.tail_start if c.tune_backbone else 0,
         backbone=settings.backbone, roi_size=settings.roi_size,
     )
-    model = CHAN(config)
+    model = CHAN(config).to(device)
     if bigru:
         log.info("GloVe vectors for %d of %d words", model.text_encoder.init_from_glove(), len(config.vocab))
 
@@ -172,7 +237,7 @@ def train(c: TrainConfig) -> dict:
 
     start, best, history = 0, -1.0, []
     if state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location="cpu")
         expected = set(model.trainable_state())
         if "config" in state and json.loads(state["config"]) != json.loads(json.dumps(model.describe())):
             raise ValueError(f"{state_path} was trained with another model configuration (see its checkpoint's metadata); "
@@ -183,37 +248,46 @@ def train(c: TrainConfig) -> dict:
         model.load_state_dict({**model.state_dict(), **state["model"]})  # strict: every key is checked
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scheduler.step_size = c.lr_step  # the command line wins over the saved schedule, from the next epoch on
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base_lr * scheduler.gamma ** (scheduler.last_epoch // c.lr_step)
+        _schedule_from(optimizer, scheduler, scheduler.last_epoch, c.lr_step)  # the command line wins from here on
         torch.set_rng_state(state["rng"])
         start, best, history = state["epoch"], state["best"], json.loads(state["history"])
         log.info("resuming %s after epoch %d (best dev RSUM %.1f)", out, start, best)
+    elif c.init:
+        start, history = _warm_start(model, settings, Path(c.init))
+        _schedule_from(optimizer, scheduler, start, c.lr_step)
 
     photo_index = table.rows([x.photo_id for x in train_set.captions])
     texts = [x.text for x in train_set.captions]
     frozen = FrozenCaptionStates(model, texts) if c.text_encoder == "bert" else None
     started = time.time() - 60 * (history[-1]["minutes"] if history else 0)  # minutes count across resumes
+    step = _Encoders(model)
+    if world.size > 1:  # gradients averaged over the processes; each scores the whole global batch
+        step = DistributedDataParallel(step, device_ids=[device] if device.type == "cuda" else None)
     for epoch in range(start, c.epochs):
-        model.train()
+        step.train()
         order = torch.randperm(len(texts))
         losses = []
-        bar = tqdm(range(0, len(order), c.batch_size), desc=f"epoch {epoch + 1}/{c.epochs}", unit="batch")
+        bar = tqdm(range(0, len(order), c.batch_size), desc=f"epoch {epoch + 1}/{c.epochs}", unit="batch",
+                   disable=not world.main)
         for s in bar:
-            idx = order[s : s + c.batch_size]
-            rows = photo_index[idx]
-            feats, maps = table.model_inputs(rows)
-            regions, rmask = model.encode_images(feats, _region_dropout(len(rows), feats.shape[1], c.region_dropout), maps)
+            idx = order[s : s + c.batch_size]  # the global batch; this process encodes its `mine` rows of it
+            rows, mine = photo_index[idx], world.shard(len(idx))
+            region_mask = _region_dropout(len(rows), table.features.shape[1], c.region_dropout)
             if frozen is not None:
                 ids, tmask, states = frozen.batch(idx)
                 kept = _delete_tokens(tmask, c.token_mask)
-                words = model.text_encoder.tuned_forward(states, kept)
-                pooled = model.pooled_mask(ids, kept)
+                text = {"token_mask": kept[mine].to(device), "frozen_states": states[mine].to(device)}
             else:
                 ids, tmask, _ = model.text_encoder.tokenize([texts[i] for i in idx])
-                pooled = model.pooled_mask(ids, tmask)
-                words = model.text_encoder(_mask_tokens(ids, tmask, model.text_encoder.mask_id, c.token_mask), tmask)
-            scores = model.scores(regions, rmask, words, pooled)
+                kept = tmask
+                masked = _mask_tokens(ids, tmask, model.text_encoder.mask_id, c.token_mask)
+                text = {"token_mask": tmask[mine].to(device), "tokens": masked[mine].to(device)}
+            feats, maps = table.model_inputs(rows[mine])
+            with autocast(device, c.precision):
+                regions, words = step(feats, region_mask[mine], maps, **text)
+                regions, words = gather_rows(regions, world, len(idx)), gather_rows(words, world, len(idx))
+                pooled = model.pooled_mask(ids.to(device), kept.to(device))
+                scores = model.scores(regions, region_mask.to(device), words, pooled).float()
             loss = triplet_loss(scores, rows[:, None] == rows[None, :], c.margin, hardest=epoch >= c.warmup_epochs)
             optimizer.zero_grad()
             loss.backward()
@@ -222,18 +296,9 @@ def train(c: TrainConfig) -> dict:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         scheduler.step()
-        metrics = evaluate(model, dev_set, table)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **metrics,
-                        "minutes": (time.time() - started) / 60})
-        log.info("epoch %d dev: %s", epoch + 1, format_metrics(metrics))
-        if metrics["rsum"] > best:
-            best = metrics["rsum"]
-            info = {"train": {k: str(v) for k, v in asdict(c).items()}, "epoch": epoch + 1, "dev": metrics}
-            save_checkpoint(model, settings, out, info)
-        torch.save({"model": model.trainable_state(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch + 1,
-                    "best": best, "history": json.dumps(history), "config": json.dumps(model.describe())}, state_path)
-        out.with_suffix(".history.json").write_text(json.dumps(history, indent=1))
-        _plot_curves(history, out.with_suffix(".png"))
+        if world.main:  # one process evaluates, logs and saves; the others wait for it
+            best = _end_epoch(c, model, settings, dev_set, table, optimizer, scheduler, epoch, losses, best, history,
+                              started)
+        world.barrier()
     log.info("best dev RSUM %.1f; checkpoint %s", best, out)
     return {"best_dev_rsum": best, "history": history}

@@ -60,6 +60,24 @@ def test_proposals_are_distinct_large_enough_and_many(extractor, test_split):
     assert np.median(counts) >= 24, counts
 
 
+def test_onnx_runtime_gives_the_regions_of_eager_torch(extractor, test_split, caplog):
+    """The default runtime (ONNX Runtime) against eager PyTorch: the same boxes and labels, features within float
+    rounding; a second extractor reuses the exported networks instead of exporting them again."""
+    assert extractor.runtime == "onnx"
+    photos = [load_photo(p.path) for p in test_split.photos[:8]]
+    reference = RegionExtractor(runtime="torch")(photos)
+    for r, ref in zip(extractor(photos), reference):
+        np.testing.assert_allclose(r.boxes, ref.boxes, atol=1e-2)
+        assert r.labels == ref.labels
+        np.testing.assert_allclose(r.features, ref.features, atol=1e-3)
+        np.testing.assert_allclose(r.stage_map.astype(np.float32), ref.stage_map.astype(np.float32), atol=0.05, rtol=1e-2)
+    caplog.set_level("INFO")
+    RegionExtractor()
+    assert "exporting" not in caplog.text
+    with pytest.raises(ValueError, match="unknown runtime"):
+        RegionExtractor(runtime="tensorrt")
+
+
 def test_legacy_regions_put_the_whole_photo_first(test_split):
     photos = [load_photo(p.path) for p in test_split.photos[:2]]
     for photo, r in zip(photos, RegionExtractor(LEGACY_SETTINGS)(photos)):

@@ -54,6 +54,22 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, flickr8k, capl
     assert lr == pytest.approx(TrainConfig().lr * 0.1**3)  # x0.1 at epochs 1, 2 (caught up on resume) and 3
 
 
+def test_a_warm_start_continues_a_checkpoints_epochs_and_history(trained, small_flickr, tmp_path):
+    """--init: the trained weights, its three epochs kept in the history, a fourth at the dropped rate."""
+    init, first = trained
+    out = tmp_path / "more.safetensors"
+    result = train(TrainConfig(data=small_flickr, out=out, epochs=4, batch_size=64, lr_step=3, init=init))
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
+    assert result["history"][:3] == first["history"]
+    lr = torch.load(out.with_suffix(".state.pt"), weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(TrainConfig().lr * 0.1)
+    # one epoch at a tenth of the rate from scratch stays far below; from the trained weights it does not
+    assert result["history"][3]["rsum"] > first["history"][0]["rsum"] + 10, result["history"]
+    assert read_metadata(out)["info"]["epoch"] == 4
+    with pytest.raises(ValueError, match="another model or other regions"):
+        train(TrainConfig(data=small_flickr, out=tmp_path / "soft.safetensors", epochs=4, similarity="soft", init=init))
+
+
 def test_resume_refuses_the_state_of_another_model(tmp_path, flickr8k):
     data = make_flickr_subset(tmp_path / "data", flickr8k, 20, 10)
     out = tmp_path / "run.safetensors"
