@@ -11,7 +11,6 @@ import importlib
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import roi_align
 
 BACKBONE_CHANNELS = 1280
@@ -25,21 +24,6 @@ def load_backbone(name: str) -> nn.Module:
     file_class = getattr(package, f"EfficientnetLite{name[-1]}ModelFile")
     model = EfficientNet.from_pretrained(name, weights_path=file_class.get_model_file_path())
     return model.eval()
-
-
-_BLOCK_CONV_BN = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
-
-
-def fuse_batch_norms(backbone: nn.Module) -> nn.Module:
-    """Fold every batch norm of an EfficientNet-Lite into its convolution, in place: for a backbone that only runs
-    inference (extraction), the same outputs up to float rounding, one pass fewer per layer. Not for one that trains."""
-    pairs = [(backbone, "_conv_stem", "_bn0"), (backbone, "_conv_head", "_bn1")]
-    pairs += [(block, conv, bn) for block in backbone._blocks for conv, bn in _BLOCK_CONV_BN if hasattr(block, conv)]
-    for owner, conv, bn in pairs:
-        if isinstance(getattr(owner, bn), nn.BatchNorm2d):
-            setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
-            setattr(owner, bn, nn.Identity())
-    return backbone
 
 
 def run_trunk(backbone: nn.Module, images: torch.Tensor, tail_start: int) -> torch.Tensor:

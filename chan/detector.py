@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import batched_nms
 
 
@@ -98,13 +97,6 @@ class Darknet(nn.Module):
             take(layer.conv.weight)
         if pos != values.numel():
             raise RuntimeError(f"{path}: {values.numel() - pos} weights left over; cfg and weights disagree")
-
-    def fuse_batch_norm(self) -> "Darknet":
-        """Fold each batch norm into its convolution (inference only: same outputs up to float rounding, fewer passes)."""
-        for layer in self.layers:
-            if isinstance(layer._modules.get("bn"), nn.BatchNorm2d):
-                layer.conv, layer.bn = fuse_conv_bn_eval(layer.conv, layer.bn), nn.Identity()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) in [0, 1] -> detections (B, N, 4 + 1 + classes): xyxy in input pixels, obj, cls."""

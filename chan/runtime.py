@@ -56,6 +56,8 @@ class OnnxModule:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # no busy-waiting between calls: in the demo, searches share these cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_shape = tuple(example.shape[1:])
 

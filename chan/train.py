@@ -56,7 +56,7 @@ class TrainConfig:
     pooled_tokens: str = "content"  # content: no special tokens or punctuation in the max and the pooling; all
     init: Path | None = None  # start from this checkpoint's weights and continue its epochs (fresh optimizer state)
     device: str = "auto"  # auto: the GPU when CUDA is available, else the CPU
-    precision: str = "auto"  # auto / bf16: bf16 autocast on a GPU; fp32: none (the CPU tunes the backbone tail in bf16)
+    precision: str = "auto"  # auto / bf16: bf16 autocast on a GPU; fp32: none (on the CPU only the tail, where bf16 pays)
 
 
 def build_vocab(captions: list[str]) -> list[str]:
@@ -211,7 +211,7 @@ def train(c: TrainConfig) -> dict:
     settings = RegionSettings() if c.regions == "proposals" else LEGACY_SETTINGS
     if c.tune_backbone and not settings.tail_start:
         raise ValueError(f"--tune-backbone needs regions that keep the backbone's trunk maps; {c.regions!r} regions do not")
-    table: RegionTable = table_for(dataset, settings)
+    table: RegionTable = table_for(dataset, settings, device=device, world=world)  # sharded under torchrun
     torch.manual_seed(c.seed)  # after the region cache: extracting it (or not) must not change the run
     random.seed(c.seed)
     np.random.seed(c.seed)
