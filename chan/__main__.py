@@ -186,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-photos", type=int, default=None, help="use only the first N train photos (quick runs)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--init", type=Path, default=None,
-                   help="start from this trained checkpoint (same options and regions): its weights, its epoch count and "
-                        "history (fresh optimizer state); --epochs counts its epochs too")
+                   help="start from this trained checkpoint (same options and regions): its weights, the epoch they are "
+                        "from (its best on dev) and its history up to it (fresh optimizer state); --epochs counts "
+                        "those epochs too")
     add_device_option(p)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
                    help="auto and bf16: bf16 autocast on a GPU; fp32: none. On the CPU the tuned backbone tail "

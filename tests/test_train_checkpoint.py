@@ -55,17 +55,18 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, flickr8k, capl
 
 
 def test_a_warm_start_continues_a_checkpoints_epochs_and_history(trained, small_flickr, tmp_path):
-    """--init: the trained weights, its three epochs kept in the history, a fourth at the dropped rate."""
+    """--init: the trained weights, the history up to the epoch it saved (its best on dev), one more at the dropped rate."""
     init, first = trained
+    kept = read_metadata(init)["info"]["epoch"]
     out = tmp_path / "more.safetensors"
-    result = train(TrainConfig(data=small_flickr, out=out, epochs=4, batch_size=64, lr_step=3, init=init))
-    assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
-    assert result["history"][:3] == first["history"]
+    result = train(TrainConfig(data=small_flickr, out=out, epochs=kept + 1, batch_size=64, lr_step=kept, init=init))
+    assert [h["epoch"] for h in result["history"]] == list(range(1, kept + 2))
+    assert result["history"][:kept] == first["history"][:kept]
     lr = torch.load(out.with_suffix(".state.pt"), weights_only=True)["optimizer"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(TrainConfig().lr * 0.1)
     # one epoch at a tenth of the rate from scratch stays far below; from the trained weights it does not
-    assert result["history"][3]["rsum"] > first["history"][0]["rsum"] + 10, result["history"]
-    assert read_metadata(out)["info"]["epoch"] == 4
+    assert result["history"][kept]["rsum"] > first["history"][0]["rsum"] + 10, result["history"]
+    assert read_metadata(out)["info"]["epoch"] == kept + 1
     with pytest.raises(ValueError, match="another model or other regions"):
         train(TrainConfig(data=small_flickr, out=tmp_path / "soft.safetensors", epochs=4, similarity="soft", init=init))
 
