@@ -49,8 +49,14 @@ def _cosines(images: torch.Tensor, image_mask: torch.Tensor, captions: torch.Ten
 
 
 def _length_chunks(caption_mask: torch.Tensor, chunk: int):
-    """Caption indices in chunks of similar length, and each chunk's longest length (no wasted padding)."""
-    lengths = caption_mask.sum(1)
+    """Caption indices in chunks of similar extent, and each chunk's longest extent (no wasted padding).
+
+    A caption's extent is one past its last pooled token, not its count of pooled tokens: a mask that
+    leaves out [CLS], punctuation or deleted tokens has holes, and cutting it at the count would drop
+    the caption's last words.
+    """
+    positions = torch.arange(1, caption_mask.shape[1] + 1, device=caption_mask.device)
+    lengths = (caption_mask.bool() * positions).amax(1)
     order = torch.argsort(lengths, stable=True)
     for start in range(0, len(order), chunk):
         idx = order[start : start + chunk]

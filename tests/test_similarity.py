@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from chan.similarity import align, global_scores, hard_scores, soft_scores
 
 
-def _random_batch(seed=0, N=5, K=7, M=6, L=9, D=16):
+def _random_batch(seed=0, N=5, K=7, M=6, L=9, D=16, holes=False):
     g = torch.Generator().manual_seed(seed)
     images = F.normalize(torch.randn(N, K, D, generator=g), dim=-1)
     captions = F.normalize(torch.randn(M, L, D, generator=g), dim=-1)
@@ -19,6 +19,8 @@ def _random_batch(seed=0, N=5, K=7, M=6, L=9, D=16):
         image_mask[n, K - n % 4 :] = False  # 0..3 padded regions
     for m in range(M):
         caption_mask[m, L - 2 * (m % 3) :] = False  # 0, 2, 4 padded words
+        if holes:  # content-word pooling: [CLS] and a punctuation mark inside the caption are left out
+            caption_mask[m, 0] = caption_mask[m, 1 + m % 3] = False
     # padded slots hold large values: they must never matter
     images[~image_mask] = 5.0
     captions[~caption_mask] = 5.0
@@ -57,17 +59,19 @@ def _naive_scan(images, image_mask, captions, caption_mask, pooling):
     return out
 
 
+@pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("pooling", ["mean", "lse"])
-def test_hard_alignment_matches_naive_loop(pooling):
-    batch = _random_batch()
+def test_hard_alignment_matches_naive_loop(pooling, holes):
+    batch = _random_batch(holes=holes)
     expected = _naive_hard(*batch, pooling)
     torch.testing.assert_close(hard_scores(*batch, pooling=pooling), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hard_scores(*batch, pooling=pooling, chunk=2), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("pooling", ["mean", "lse"])
-def test_scan_soft_attention_matches_naive_loop(pooling):
-    batch = _random_batch(seed=1)
+def test_scan_soft_attention_matches_naive_loop(pooling, holes):
+    batch = _random_batch(seed=1, holes=holes)
     expected = _naive_scan(*batch, pooling)
     torch.testing.assert_close(soft_scores(*batch, pooling=pooling, chunk=4), expected, atol=1e-5, rtol=1e-4)
 
