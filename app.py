@@ -1,4 +1,5 @@
-"""Launch the CHAN demo: python app.py [--gallery DIR] [--checkpoint PATH] [--compare PATH | --no-compare] [--host H] [--port P]."""
+"""Launch the CHAN demo: python app.py [--gallery DIR] [--checkpoint PATH] [--compare PATH | --no-compare] [--qdrant URL_OR_PATH]
+[--host H] [--port P]."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a model shown beside the main one in the search tab, e.g. runs/global-bert.safetensors; "
                         f"repeat for several (default: the SCAN twin, {DEFAULT_COMPARISON.relative_to(ROOT)}, if present)")
     p.add_argument("--no-compare", action="store_true", help="serve the main model alone")
+    p.add_argument("--qdrant", default=None, metavar="URL_OR_PATH",
+                   help="search a Qdrant collection pushed by `python -m chan index` (a server's URL or a local folder) "
+                        "instead of the in-process index; caption ranking and the inspector still run here")
+    p.add_argument("--collection", default=None, help="with --qdrant: collection name (default: chan-<gallery folder name>)")
+    p.add_argument("--prefetch", type=int, default=None, metavar="N",
+                   help="with --qdrant: two-stage search, MaxSim over the N photos nearest by the global vectors "
+                        "(default: exact MaxSim over every photo)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--device", default="auto",
@@ -55,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         comparisons = [Comparison.of(c) for c in args.compare]
         gallery = open_gallery(args.gallery, args.checkpoint, args.split, index_now=False, device=device)
+        if args.qdrant:
+            from chan.search import default_collection
+
+            gallery.use_qdrant(args.qdrant, args.collection or default_collection(args.gallery), args.prefetch)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,9 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     legacy = LEGACY if args.proposals == "legacy" else {}
     settings = RegionSettings(**{**legacy, "num_regions": args.regions, "backbone": args.backbone, "image_size": args.image_size})
     world, device = join(args.device)  # one process, or one of torchrun's
-    table = extract(dataset, args.out, settings, batch_size=args.batch_size, device=device, world=world)
+    if args.ray and world.size > 1:
+        raise ValueError("--ray runs the extraction on a Ray cluster: start it once, not under torchrun")
+    table = extract(dataset, args.out, settings, batch_size=args.batch_size, device=device, world=world, ray=args.ray)
     if not world.main:
         return
     print(f"{args.out}: {len(table.photo_ids)} photos x {table.features.shape[1]} regions x {table.features.shape[2]} dims")
@@ -41,6 +43,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
     train(config)
+
+
+def _cmd_index(args: argparse.Namespace) -> None:
+    from .search import index_command
+
+    index_command(args.gallery, args.checkpoint, args.qdrant, args.collection, args.split, resolve_device(args.device))
+
+
+def _cmd_search(args: argparse.Namespace) -> None:
+    from .search import search_command
+
+    search_command(args.caption, args.gallery, args.checkpoint, args.qdrant, args.collection, args.k, args.prefetch,
+                   args.split, args.json, resolve_device(args.device))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -129,7 +144,16 @@ def table_command(rows: list[str], data: Path, split: str | None) -> str:
     return table
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"give a whole number from 1 to 100000, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .checkpoint import DEFAULT_CHECKPOINT
+    from .gallery import DEFAULT_GALLERY
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="python -m chan", description=__doc__)
@@ -151,7 +175,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=320, help="backbone input side in pixels (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="photos per batch (default: %(default)s)")
     add_device_option(p)
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="map the extraction over a Ray cluster with Ray Data: a local Ray when no address is given, else "
+                        "a running cluster's (auto, ray://HOST:10001), whose nodes have this project installed and the "
+                        "photos at the same paths; writes the same feature file")
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("index", help="push a gallery's region embeddings to a Qdrant collection (resumable)",
+                       description="Encode every photo of a gallery with a CHAN checkpoint and upsert it into a Qdrant "
+                                   "collection (a multivector of region embeddings for exact MaxSim, and their mean for "
+                                   "a two-stage search), in batches with a progress bar. Photos already in the "
+                                   "collection are skipped, so an interrupted push resumes; a collection built by "
+                                   "another checkpoint is refused.")
+    p.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY, help="gallery folder, any dataset layout (default: %(default)s)")
+    p.add_argument("--split", default=None, help="gallery split (default: test where there is one, else every photo)")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="CHAN checkpoint (default: %(default)s)")
+    p.add_argument("--qdrant", required=True, metavar="URL_OR_PATH",
+                   help="a Qdrant server or cluster (http://HOST:6333), or a local folder (qdrant-client's local mode)")
+    p.add_argument("--collection", default=None, help="collection name (default: chan-<gallery folder name>)")
+    add_device_option(p)
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("search", help="rank a gallery's photos for a caption, in process or on Qdrant",
+                       description="Print the top k photos for a caption and optionally write them as JSON "
+                                   "({query, backend, hits: [{rank, photo_id, score}]}), the same from either backend.")
+    p.add_argument("caption")
+    p.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY, help="gallery folder (default: %(default)s)")
+    p.add_argument("--split", default=None, help="gallery split, in process (default: test where there is one)")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="CHAN checkpoint (default: %(default)s)")
+    p.add_argument("--qdrant", default=None, metavar="URL_OR_PATH",
+                   help="search this Qdrant server or local folder instead of the in-process index")
+    p.add_argument("--collection", default=None, help="with --qdrant: collection name (default: chan-<gallery folder name>)")
+    p.add_argument("--prefetch", type=_positive, default=None, metavar="N",
+                   help="with --qdrant: two-stage search, MaxSim over the N photos nearest by the global vectors "
+                        "(default: exact MaxSim over every photo)")
+    p.add_argument("--k", type=_positive, default=10, help="photos to return (default: %(default)s)")
+    p.add_argument("--json", type=Path, default=None, help="also write the hits as JSON")
+    add_device_option(p)
+    p.set_defaults(func=_cmd_search)
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train CHAN (or the SCAN / global baselines) with dev-RSUM model selection")

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import butd, store
-from .data import Dataset, row_step
+from .data import Dataset, Photo, row_step
 from .distributed import World
 from .photos import PhotoError, load_photo
 from .region_settings import PrecomputedSettings, RegionSettings
@@ -54,7 +54,7 @@ class RegionTable:
     label_names: list[str]
     settings_key: str
     maps: torch.Tensor | None = None  # (N, C, h, w) fp16 trunk output, for models that tune the backbone's tail
-    photo_stats: dict[str, list[int]] | None = None  # photo id -> [size, mtime_ns] of the file it was extracted from
+    photo_stats: dict[str, list] | None = None  # photo id -> [size, digest] of the file it was extracted from
 
     def __post_init__(self) -> None:
         self.index = {pid: i for i, pid in enumerate(self.photo_ids)}
@@ -84,10 +84,13 @@ def default_cache_path(dataset: Dataset, settings: RegionSettings) -> Path:
     return CACHE_DIR / f"regions-{dataset.root.name}-{digest}.safetensors"
 
 
-def photo_stat(path: Path) -> list[int]:
-    """What identifies a photo file's content cheaply: its size and modification time."""
-    st = Path(path).stat()
-    return [st.st_size, st.st_mtime_ns]
+def photo_stat(path: Path) -> list:
+    """What identifies a photo file's content: its size and a BLAKE2b digest of its bytes.
+
+    Not its modification time: a dataset copied or mounted again keeps its features.
+    """
+    data = Path(path).read_bytes()
+    return [len(data), hashlib.blake2b(data, digest_size=16).hexdigest()]
 
 
 def _pack(ids: list[str], regions: list[Regions], extractor: RegionExtractor, stats: list[list[int]]) -> tuple[dict, dict]:
@@ -153,6 +156,27 @@ def _merge(parts: list[Path], out: Path) -> None:
     _write(tensors, meta, out)
 
 
+def extract_shard(extractor: RegionExtractor, photos: list[Photo], batch_size: int,
+                  on_batch: Callable[[int], None] | None = None) -> tuple[list[str], bytes, int]:
+    """Extract these photos: the ids read, the feature file of them (bytes), and how many could not be decoded;
+    `on_batch(n)` hears of each batch of n photos done."""
+    ids, regions, stats, skipped = [], [], [], 0
+    for b in range(0, len(photos), batch_size):
+        images = []
+        for photo in photos[b : b + batch_size]:
+            try:
+                images.append(load_photo(photo.path))
+                ids.append(photo.id)
+                stats.append(photo_stat(photo.path))
+            except PhotoError as e:
+                skipped += 1
+                log.warning("%s: skipped: %s", photo.path, e)
+        regions += extractor(images)
+        if on_batch:
+            on_batch(len(photos[b : b + batch_size]))
+    return ids, store.dumps(*_pack(ids, regions, extractor, stats), FORMAT) if ids else b"", skipped
+
+
 def extract(
     dataset: Dataset,
     out: Path,
@@ -165,13 +189,15 @@ def extract(
     on_shard: Callable[[list[str], dict[str, torch.Tensor], int], None] | None = None,
     device: torch.device | str = "cpu",
     world: World = World(),
+    ray: str | None = None,
 ) -> RegionTable:
     """Region features of every photo of `dataset` into `out`, reusing what `out` already holds (except `redo`).
 
     `on_shard(ids, tensors, skipped)` hears about each shard as soon as it is written, with the shard's tensors
     as the cache holds them (`features`, and `maps` where kept; empty when no photo of the shard could be read).
     Under torchrun, each process extracts its part of the missing photos into the same resumable folder of
-    shards, and the first one merges them.
+    shards, and the first one merges them. With `ray` ("local" or a cluster's address), Ray Data extracts the
+    shards on that cluster's workers; this process writes them into the same folder.
     """
     out = Path(out)
     parts_dir = out.with_name(out.name + ".parts")
@@ -197,35 +223,27 @@ def extract(
         done.update(json.loads(meta["photo_ids"]))
     todo = [p for p in dataset.photos if p.id not in done]
     todo = todo[world.shard(len(todo))]
-    if todo:
-        extractor = extractor or RegionExtractor(settings, device=device)
-        failures = 0
+    shards = [todo[s : s + shard_size] for s in range(0, len(todo), shard_size)]
+    if shards:
         bar = tqdm(total=len(todo), desc="regions", unit="photo", disable=not progress)
-        for start in range(0, len(todo), shard_size):
-            shard = todo[start : start + shard_size]
-            ids, regions, stats, skipped = [], [], [], 0
-            for b in range(0, len(shard), batch_size):
-                batch, images = [], []
-                for photo in shard[b : b + batch_size]:
-                    try:
-                        images.append(load_photo(photo.path))
-                        batch.append(photo.id)
-                        stats.append(photo_stat(photo.path))
-                    except PhotoError as e:
-                        skipped += 1
-                        log.warning("%s: skipped: %s", photo.path, e)
-                regions += extractor(images)
-                ids += batch
-                bar.update(len(shard[b : b + batch_size]))
-            tensors = {}
+        if ray is not None:
+            from .ray_extract import extract_on_ray
+
+            results = extract_on_ray(shards, settings, batch_size, address=ray)
+        else:
+            extractor = extractor or RegionExtractor(settings, device=device)
+            results = (extract_shard(extractor, shard, batch_size, bar.update) for shard in shards)
+        failures = 0
+        for ids, data, skipped in results:
             if ids:
                 number = 1 + max((int(p.name[:5]) for p in parts_dir.glob("*.safetensors")), default=0)
-                tensors, meta = _pack(ids, regions, extractor, stats)
                 rank = f"-{world.rank}" if world.size > 1 else ""  # processes never write the same file
-                _write(tensors, meta, parts_dir / f"{number:05d}{rank}.safetensors")
+                store.write_bytes(parts_dir / f"{number:05d}{rank}.safetensors", data)
             failures += skipped
+            if ray is not None:  # Ray reports a shard at a time; in process, the bar moves batch by batch
+                bar.update(len(ids) + skipped)
             if on_shard:
-                on_shard(ids, tensors, skipped)
+                on_shard(ids, store.loads(data) if ids else {}, skipped)
         bar.close()
         if failures:
             log.warning("%d photos could not be decoded and were skipped", failures)

@@ -18,14 +18,17 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, read_metadata
 from .data import Dataset, open_dataset
+from .device import bf16_pays
 from .encoding import encode_captions
 from .features import CACHE_DIR, RegionTable, photo_stat, table_for
 from .gallery_index import GalleryIndex, IndexCacheError, IndexProgress
 from .model import MAX_TOKENS
 from .pair import PairAlignment, QueryError, align_pair, clean_text, encode_query, region_embeddings
 from .photos import load_photo
+from .qdrant_index import QdrantGallery, QdrantIndexError, check_model
 from .region_settings import PrecomputedSettings
 from .regions import RegionExtractor, Regions
+from .store import file_digest
 
 MODEL_NAMES = {"hard": "CHAN", "soft": "SCAN", "global": "global"}  # by the similarity a model ranks with
 INDEX_CHUNK = 32  # photos per step of the gallery's indexing: the page's progress moves this often
@@ -51,14 +54,6 @@ class RankedCaption:
     matches_photo: bool  # one of this photo's own gallery captions
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Gallery:
     """A checkpoint plus a dataset of photos (and captions, if it has any), ready to query.
 
@@ -76,8 +71,8 @@ class Gallery:
         self.dataset = dataset
         self.all_photos = {p.id: p for p in dataset.photos}
         self.captions_by_photo = dataset.captions_by_photo()
-        # the hard scorer runs in bfloat16 over the gallery's regions and captions: half the memory
-        dtype = torch.bfloat16 if self.model.config.similarity == "hard" else torch.float32
+        # the hard scorer runs in bfloat16 where bf16 is native (half the memory, faster); float32 elsewhere
+        dtype = torch.bfloat16 if self.model.config.similarity == "hard" and bf16_pays(self.device) else torch.float32
         self.index = GalleryIndex.empty(self.model.config.embed_dim, dtype, self.device)
         self.table: RegionTable | None = None
         self.progress = IndexProgress(total=len(dataset.photos))
@@ -85,6 +80,8 @@ class Gallery:
         self._show_bars = progress
         self._extractor: RegionExtractor | None = None
         self._extractor_lock = threading.Lock()
+        self.remote: QdrantGallery | None = None  # set by use_qdrant: searches then run there
+        self.prefetch: int | None = None
         if index_now:
             self._build()
 
@@ -109,8 +106,8 @@ class Gallery:
         return model_label(self.model.config.similarity, self.name)
 
     def _index_key(self, checkpoint: Path) -> str:
-        """What the index is computed from: the checkpoint's bytes, each photo file's size and time, the captions."""
-        h = hashlib.sha1(f"{_file_digest(checkpoint)}|{self.dataset.root.resolve()}".encode())
+        """What the index is computed from: the checkpoint's bytes, each photo file's content, the captions."""
+        h = hashlib.sha1(f"{file_digest(checkpoint)}|{self.dataset.root.resolve()}".encode())
         for p in self.dataset.photos:
             h.update(f"{p.id}|{photo_stat(p.path) if p.path else None}\n".encode())
         for split, path in sorted(self.dataset.features.items()):  # precomputed features
@@ -219,10 +216,34 @@ class Gallery:
         return [f"Indexing is still running: this covers the {len(index.photos):,} photos indexed so far, "
                 f"of {len(self.all_photos):,}."]
 
+    def use_qdrant(self, target: str, collection: str, prefetch: int | None = None) -> None:
+        """Search this checkpoint's collection at `target` (a URL or a local folder) instead of the in-process index:
+        exact MaxSim, or with `prefetch`, over that many candidates by the global vectors."""
+        check_model(self.model)
+        if prefetch is not None and not 1 <= prefetch <= 100_000:
+            raise ValueError(f"prefetch {prefetch}: give a number of candidates from 1 to 100000")
+        self.remote = QdrantGallery.open(target, collection, file_digest(self.checkpoint))
+        self.prefetch = prefetch
+
+    def _search_remote(self, emb: torch.Tensor, mask: torch.Tensor, k: int) -> list[Hit]:
+        try:
+            found = self.remote.search(emb[0][mask[0]], k, self.prefetch)
+        except QdrantIndexError as e:
+            raise QueryError(f"The search engine did not answer; try again in a moment. ({e})") from e
+        hits = []
+        for photo_id, score in found:
+            photo = self.all_photos.get(photo_id)  # a photo pushed from elsewhere is named, not shown
+            hits.append(Hit(len(hits) + 1, score, photo_id, str(photo.path or "") if photo else "",
+                            (self.captions_by_photo.get(photo_id) or [""])[0]))
+        return hits
+
     def search_images(self, text: str, k: int = 12) -> tuple[list[Hit], list[str], float]:
         """Top-k photos for a caption; returns hits, notes about the query, and milliseconds taken."""
         start = time.perf_counter()
         emb, mask, words = encode_query(self.model, text)
+        notes = self.query_notes(words, self._was_truncated(clean_text(text)))
+        if self.remote is not None:
+            return self._search_remote(emb, mask, k), notes, (time.perf_counter() - start) * 1000
         index = self._indexed()
         with torch.no_grad():
             scores = self.model.scores(index.region_embeddings, index.region_mask, emb, mask)[:, 0].cpu()
@@ -231,8 +252,7 @@ class Gallery:
             Hit(r + 1, float(s), index.photos[i].id, str(index.photos[i].path or ""), index.first_caption[i])
             for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()))
         ]
-        notes = self.query_notes(words, self._was_truncated(clean_text(text))) + self.partial_note(index)
-        return hits, notes, (time.perf_counter() - start) * 1000
+        return hits, notes + self.partial_note(index), (time.perf_counter() - start) * 1000
 
     def photo_regions(self, photo: str | Path | None = None, photo_id: str | None = None) -> Regions:
         """Regions of a gallery photo (cached, or extracted now while indexing) or of any photo file (extracted now)."""

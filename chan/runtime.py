@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class OnnxModule:
                 torch.onnx.export(module.eval(), example[:1], buffer, input_names=["input"], dynamo=False,
                                   dynamic_axes={"input": {0: "batch"}})
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes exporting at once never share it
             tmp.write_bytes(buffer.getvalue())
             tmp.replace(path)
         options = onnxruntime.SessionOptions()

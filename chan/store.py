@@ -1,12 +1,13 @@
 """The one way tensors are kept on disk here: safetensors tagged with their kind, written atomically, read with checks."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save
 
 CACHE_DIR = Path(os.environ.get("CHAN_CACHE", Path(__file__).resolve().parents[1] / "cache"))  # every cache of the project
 
@@ -15,13 +16,37 @@ class StoreError(ValueError):
     """A file that cannot be used: missing, damaged, or of another kind; the message says which and where."""
 
 
+def file_digest(path: Path) -> str:
+    """The SHA-1 of a file's bytes (what identifies a checkpoint: caches and collections record it)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], kind: str) -> None:
     """Write `tensors` with `meta` and the tag `format=kind`, atomically: a killed run leaves the old file or the new
     one, never half of one."""
+    write_bytes(path, dumps(tensors, meta, kind))
+
+
+def dumps(tensors: dict[str, torch.Tensor], meta: dict[str, str], kind: str) -> bytes:
+    """The bytes of the file `write` would write (to send a file between processes)."""
+    return save(tensors, metadata={**meta, "format": kind})
+
+
+def loads(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of `dumps`'s bytes (written by this process or a worker of it: trusted)."""
+    return load(data)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically: a killed run leaves the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={**meta, "format": kind})
+    tmp.write_bytes(data)
     tmp.replace(path)
 
 

@@ -2,6 +2,7 @@
 import os
 import time
 
+import pytest
 import torch
 
 from chan.checkpoint import DEFAULT_CHECKPOINT
@@ -34,7 +35,7 @@ def test_gallery_index_follows_caption_edits_and_additions(tmp_path, flickr8k):
     fresh = after.model.encode_texts(["zebras grazing on a snowy mountain"])
     row = after.caption_texts.index("zebras grazing on a snowy mountain")
     n = int(after.caption_mask[row].sum())
-    assert torch.allclose(after.caption_words[row, :n].float(), fresh[0][0][fresh[1][0]], atol=1e-2)  # bf16 in the gallery
+    assert torch.allclose(after.caption_words[row, :n].float(), fresh[0][0][fresh[1][0]], atol=1e-2)  # bf16 where native
 
 
 def test_a_replaced_photo_is_extracted_again(tmp_path, flickr8k):
@@ -50,6 +51,18 @@ def test_a_replaced_photo_is_extracted_again(tmp_path, flickr8k):
     now_a, now_b = again.features[again.index[a.id]], again.features[again.index[b.id]]
     assert not torch.equal(now_a, before_a)
     assert torch.equal(now_a, now_b)
+
+
+def test_a_photo_copied_again_keeps_its_features(tmp_path, flickr8k, monkeypatch):
+    root = make_flickr_subset(tmp_path / "f", flickr8k, 0, 2)
+    table_for(open_dataset(root), LEGACY_SETTINGS, progress=False)
+    for photo in open_dataset(root).photos:  # a dataset copied or mounted again: the same bytes, new file times
+        data = photo.path.read_bytes()
+        photo.path.unlink()
+        photo.path.write_bytes(data)
+        os.utime(photo.path, (1, 1))
+    monkeypatch.setattr("chan.features.extract", lambda *a, **k: pytest.fail("the features were extracted again"))
+    assert len(table_for(open_dataset(root), LEGACY_SETTINGS, progress=False).photo_ids) == 2
 
 
 def test_a_truncated_cache_is_rebuilt_with_a_warning(tmp_path, flickr8k, caplog):
