@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Requests run in several threads, each with its own OpenMP team: idle team threads sleep instead of spinning
+# on the two cores that the others need (read when torch loads, so set before it does).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 
@@ -56,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
+    from app.memory import keep_memory_flat
     from chan.device import resolve_device
+
+    keep_memory_flat()
     from chan.gallery import Comparison, index_in_background, open_gallery
 
     try:

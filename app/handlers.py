@@ -177,7 +177,7 @@ class Handlers:
         hits, notes, ms = g.search_images(query, top_k(k))
         items = [(h.path or figures.placeholder(h.photo_id, h.caption), f"#{h.rank} · {h.score:.3f} ({g.model_name}) · {h.caption}")
                  for h in hits]
-        status = f"Top {len(hits)} of {len(g.photos)} photos in {ms:.0f} ms · {self._scored_by(g)}."
+        status = f"Top {len(hits)} of {g.search_scope()} in {ms:.0f} ms · {self._scored_by(g)}."
         return SearchResult(items, [h.photo_id for h in hits], with_notes(status, notes))
 
     @friendly(CompareResult)
