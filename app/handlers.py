@@ -51,6 +51,9 @@ class AlignResult(NamedTuple):
     status: str
 
 
+SOMETHING_WENT_WRONG = "⚠️ Something went wrong on our side while handling that; the error was logged."
+
+
 def friendly(result: type[NamedTuple]):
     """Wrap a handler so that bad input (or a bug) becomes a `result` holding only the message, in its status."""
 
@@ -63,7 +66,7 @@ def friendly(result: type[NamedTuple]):
                 message = f"⚠️ {e}"
             except Exception:  # a bug must not kill the server or show a traceback
                 log.exception("handler %s failed", fn.__name__)
-                message = "⚠️ Something went wrong on our side while handling that; the error was logged."
+                message = SOMETHING_WENT_WRONG
             return result(*([None] * (len(result._fields) - 1)), message)
 
         return inner
@@ -170,15 +173,38 @@ class Handlers:
     def _scored_by(gallery: Gallery) -> str:
         return f"scores: {gallery.label}, {SIMILARITY_NAMES[gallery.model.config.similarity]}"
 
-    @friendly(SearchResult)
-    def search_images(self, query: str, k: float = 12):
+    def search_images(self, query: str, k: float = 12) -> SearchResult:
         """Caption -> the top-k gallery photos with rank and score."""
+        return SearchResult(*(out[0] for out in self.search_batch([query], [k])))
+
+    def search_batch(self, queries: list, ks: list) -> tuple[list, list, list]:
+        """Several clients' searches at once (Gradio's batch=True): one text-encoder call and one scoring call.
+        Returns a list per output, each caption's answer or message in its place."""
         g = self.gallery
-        hits, notes, ms = g.search_images(query, top_k(k))
-        items = [(h.path or figures.placeholder(h.photo_id, h.caption), f"#{h.rank} · {h.score:.3f} ({g.model_name}) · {h.caption}")
-                 for h in hits]
-        status = f"Top {len(hits)} of {g.search_scope()} in {ms:.0f} ms · {self._scored_by(g)}."
-        return SearchResult(items, [h.photo_id for h in hits], with_notes(status, notes))
+        results: list[SearchResult | None] = [None] * len(queries)
+        wanted = {}
+        for i, k in enumerate(ks):
+            try:
+                wanted[i] = top_k(k)
+            except QueryError as e:
+                results[i] = SearchResult(None, None, f"⚠️ {e}")
+        try:
+            found = g.search_many([queries[i] for i in wanted], list(wanted.values()))
+        except Exception:  # a bug must not kill the server or show a traceback
+            log.exception("search_batch failed")
+            found = [None] * len(wanted)
+        for i, answer in zip(wanted, found):
+            if answer is None:
+                results[i] = SearchResult(None, None, SOMETHING_WENT_WRONG)
+            elif isinstance(answer, QueryError):
+                results[i] = SearchResult(None, None, f"⚠️ {answer}")
+            else:
+                hits, notes, ms = answer
+                items = [(h.path or figures.placeholder(h.photo_id, h.caption),
+                          f"#{h.rank} · {h.score:.3f} ({g.model_name}) · {h.caption}") for h in hits]
+                status = f"Top {len(hits)} of {g.search_scope()} in {ms:.0f} ms · {self._scored_by(g)}."
+                results[i] = SearchResult(items, [h.photo_id for h in hits], with_notes(status, notes))
+        return tuple(list(column) for column in zip(*results))
 
     @friendly(CompareResult)
     def compare_images(self, query: str, k: float = 12, label: str = NO_COMPARISON):

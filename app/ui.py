@@ -27,6 +27,7 @@ a photo, and inspect the alignment of any pair."""
 MAX_UPLOAD = "10mb"
 UPLOADS_KEPT_S = 900  # uploads and drawn images are deleted this long after they were written
 SESSION_STATE_S = 1800  # an inspector's per-session state expires this long after its last use
+SEARCH_BATCH = 8  # searches scored in one call at most
 SESSIONS_KEPT = 200  # at most this many sessions' state in memory: API calls each open one, and memory stays bounded
 
 
@@ -123,15 +124,18 @@ def build_demo(gallery: Gallery, comparisons: list[Comparison] = ()) -> gr.Block
 
         search_inputs = [query, top_k]
         search_outputs = [results, hit_ids, search_status]
-        # Searches are cheap and read-only: several at once. Photo work (regions, alignment) has its own queue.
-        search = {"concurrency_id": "search", "concurrency_limit": 4}
+        # Searches are cheap and read-only: two batches at once. Photo work (regions, alignment) has its own queue.
+        search = {"concurrency_id": "search", "concurrency_limit": 2}
         photo_work = {"concurrency_id": "photos", "concurrency_limit": 1}
         compare_inputs, compare_outputs = [query, top_k, compare_with], [compare_results, compare_status]
-        search_button.click(h.search_images, search_inputs, search_outputs, api_name="search_images", js=KEEP_QUERY_IN_URL,
-                            **search).then(h.compare_images, compare_inputs, compare_outputs, api_name="compare_images",
-                                           **search)
-        query.submit(h.search_images, search_inputs, search_outputs, api_visibility="private", js=KEEP_QUERY_IN_URL,
-                     **search).then(h.compare_images, compare_inputs, compare_outputs, api_visibility="private", **search)
+        # Searches queued together are scored together: one text-encoder call and one pass over the gallery.
+        batched = {"batch": True, "max_batch_size": SEARCH_BATCH}
+        search_button.click(h.search_batch, search_inputs, search_outputs, api_name="search_images", js=KEEP_QUERY_IN_URL,
+                            **batched, **search).then(h.compare_images, compare_inputs, compare_outputs,
+                                                      api_name="compare_images", **search)
+        query.submit(h.search_batch, search_inputs, search_outputs, api_visibility="private", js=KEEP_QUERY_IN_URL,
+                     **batched, **search).then(h.compare_images, compare_inputs, compare_outputs, api_visibility="private",
+                                               **search)
 
         def switch_comparison(label: str, query_text: str, k: float):
             shown = label != NO_COMPARISON

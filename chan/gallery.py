@@ -23,7 +23,7 @@ from .encoding import encode_captions
 from .features import CACHE_DIR, RegionTable, photo_stat, table_for
 from .gallery_index import GalleryIndex, IndexCacheError, IndexProgress
 from .model import MAX_TOKENS
-from .pair import PairAlignment, QueryError, align_pair, clean_text, encode_query, region_embeddings
+from .pair import PairAlignment, QueryError, align_pair, clean_text, encode_queries, region_embeddings
 from .photos import load_photo
 from .qdrant_index import QdrantGallery, QdrantIndexError, check_model
 from .region_settings import PrecomputedSettings
@@ -82,6 +82,7 @@ class Gallery:
         self._extractor_lock = threading.Lock()
         self.remote: QdrantGallery | None = None  # set by use_qdrant: searches then run there
         self.prefetch: int | None = None
+        self.remote_photos = 0
         if index_now:
             self._build()
 
@@ -224,6 +225,13 @@ class Gallery:
             raise ValueError(f"prefetch {prefetch}: give a number of candidates from 1 to 100000")
         self.remote = QdrantGallery.open(target, collection, file_digest(self.checkpoint))
         self.prefetch = prefetch
+        self.remote_photos = self.remote.count()
+
+    def search_scope(self) -> str:
+        """What a search ranks: the photos indexed here, or the Qdrant collection's."""
+        if self.remote is None:
+            return f"{len(self.photos)} photos"
+        return f"{self.remote_photos:,} photos (Qdrant collection {self.remote.collection!r})"
 
     def _search_remote(self, emb: torch.Tensor, mask: torch.Tensor, k: int) -> list[Hit]:
         try:
@@ -239,20 +247,38 @@ class Gallery:
 
     def search_images(self, text: str, k: int = 12) -> tuple[list[Hit], list[str], float]:
         """Top-k photos for a caption; returns hits, notes about the query, and milliseconds taken."""
+        result = self.search_many([text], [k])[0]
+        if isinstance(result, QueryError):
+            raise result
+        return result
+
+    def search_many(self, texts: list[str], ks: list[int]) -> list[tuple[list[Hit], list[str], float] | QueryError]:
+        """`search_images` for several captions at once: one text-encoder call and one scoring call over the index
+        (a QueryError in place of each caption that cannot be searched). Each answer's time is the whole call's."""
         start = time.perf_counter()
-        emb, mask, words = encode_query(self.model, text)
-        notes = self.query_notes(words, self._was_truncated(clean_text(text)))
-        if self.remote is not None:
-            return self._search_remote(emb, mask, k), notes, (time.perf_counter() - start) * 1000
-        index = self._indexed()
-        with torch.no_grad():
-            scores = self.model.scores(index.region_embeddings, index.region_mask, emb, mask)[:, 0].cpu()
-        top = scores.topk(min(k, len(scores)))
-        hits = [
-            Hit(r + 1, float(s), index.photos[i].id, str(index.photos[i].path or ""), index.first_caption[i])
-            for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()))
-        ]
-        return hits, notes + self.partial_note(index), (time.perf_counter() - start) * 1000
+        q = encode_queries(self.model, texts)
+        out: list = [q.errors.get(i) for i in range(len(texts))]
+        notes = {i: self.query_notes(words, self._was_truncated(clean_text(texts[i]))) for i, words in zip(q.rows, q.words)}
+        if self.remote is not None:  # one Qdrant query per caption
+            for j, i in enumerate(q.rows):
+                try:
+                    out[i] = (self._search_remote(q.embeddings[j : j + 1], q.mask[j : j + 1], ks[i]), notes[i])
+                except QueryError as e:
+                    out[i] = e
+        elif q.rows:
+            try:
+                index = self._indexed()
+            except QueryError as e:
+                return [out[i] or e for i in range(len(texts))]
+            with torch.no_grad():
+                scores = self.model.scores(index.region_embeddings, index.region_mask, q.embeddings, q.mask).cpu()
+            for j, i in enumerate(q.rows):
+                top = scores[:, j].topk(min(ks[i], len(scores)))
+                hits = [Hit(r + 1, float(s), index.photos[n].id, str(index.photos[n].path or ""), index.first_caption[n])
+                        for r, (s, n) in enumerate(zip(top.values.tolist(), top.indices.tolist()))]
+                out[i] = (hits, notes[i] + self.partial_note(index))
+        ms = (time.perf_counter() - start) * 1000
+        return [o if isinstance(o, QueryError) else (*o, ms) for o in out]
 
     def photo_regions(self, photo: str | Path | None = None, photo_id: str | None = None) -> Regions:
         """Regions of a gallery photo (cached, or extracted now while indexing) or of any photo file (extracted now)."""

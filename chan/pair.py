@@ -42,16 +42,48 @@ def clean_text(text) -> str:
     return text
 
 
+@dataclass
+class EncodedQueries:
+    """Several clients' captions encoded at once: the readable ones as one batch, an error for each of the others."""
+
+    embeddings: torch.Tensor  # (B, L, D) for the readable captions, in input order
+    mask: torch.Tensor  # (B, L): the pooled tokens
+    words: list[list[str]]  # each readable caption's pooled tokens
+    rows: list[int]  # the input position of each readable caption
+    errors: dict[int, QueryError]  # input position -> why that caption cannot be searched
+
+
+def encode_queries(model: CHAN, texts: list) -> EncodedQueries:
+    """Clients' captions encoded in one call of the text encoder; unreadable ones get the message a user sees."""
+    cleaned, errors = {}, {}
+    for i, text in enumerate(texts):
+        try:
+            text = clean_text(text)
+            if len(text) > MAX_QUERY_CHARS:
+                raise QueryError(f"That query is {len(text)} characters long; keep it under {MAX_QUERY_CHARS}.")
+            cleaned[i] = text
+        except QueryError as e:
+            errors[i] = e
+    if not cleaned:
+        return EncodedQueries(torch.zeros(0, 1, model.config.embed_dim), torch.zeros(0, 1, dtype=torch.bool), [], [], errors)
+    with torch.no_grad():
+        emb, mask, words = model.encode_texts(list(cleaned.values()))
+    keep = []
+    for j, (i, ws) in enumerate(zip(cleaned, words)):
+        if ws:
+            keep.append(j)
+        else:
+            errors[i] = QueryError("The model reads no words in that text (only punctuation or symbols); type a caption.")
+    rows = list(cleaned)
+    return EncodedQueries(emb[keep], mask[keep], [words[j] for j in keep], [rows[j] for j in keep], errors)
+
+
 def encode_query(model: CHAN, text: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A client's caption encoded: word embeddings (1, L, D), the pooled tokens' mask, and those tokens."""
-    text = clean_text(text)
-    if len(text) > MAX_QUERY_CHARS:
-        raise QueryError(f"That query is {len(text)} characters long; keep it under {MAX_QUERY_CHARS}.")
-    with torch.no_grad():
-        emb, mask, words = model.encode_texts([text])
-    if not words[0]:
-        raise QueryError("The model reads no words in that text (only punctuation or symbols); type a caption.")
-    return emb, mask, words[0]
+    q = encode_queries(model, [text])
+    if q.errors:
+        raise q.errors[0]
+    return q.embeddings, q.mask, q.words[0]
 
 
 @torch.no_grad()

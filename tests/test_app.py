@@ -24,6 +24,17 @@ def _file(tmp_path, name, image, fmt="PNG"):
     return str(path)
 
 
+def test_batched_searches_answer_each_query_as_alone(handlers):
+    queries = ["a dog runs on the grass", "   ", "two children play on the beach", "a man rides a bike", "?!"]
+    items, ids, status = handlers.search_batch(queries, [5, 5, float("nan"), 3, 4])
+    for i, k in ((0, 5), (3, 3)):
+        alone = handlers.search_images(queries[i], k)
+        assert ids[i] == alone.photo_ids and [label for _, label in items[i]] == [label for _, label in alone.items]
+    assert ids[1] is None and "Type a caption" in status[1]
+    assert ids[2] is None and "whole number" in status[2]
+    assert ids[4] is None and "reads no words" in status[4]
+
+
 def test_search_returns_ranked_photos(handlers, gallery):
     items, ids, status = handlers.search_images("a dog runs on the grass", 5)
     assert len(items) == 5 and len(ids) == 5

@@ -99,6 +99,7 @@ def test_app_gallery_searches_on_qdrant(photos200, pushed):
         g.remote.close()
     assert [h.photo_id for h in hits] == [p for p, _ in _torch_top(photos200, "two children play on the beach", 5)]
     assert all(h.path for h in hits)
+    assert g.search_scope() == "200 photos (Qdrant collection 't')"
 
 
 def test_unreachable_server_is_named(capsys):
