@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from chan.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_COMPARISON
     from chan.gallery import DEFAULT_GALLERY
+    from chan.search import add_qdrant_options
 
     p = argparse.ArgumentParser(description="CHAN demo: caption -> images, image -> captions, and the alignment inspector.")
     p.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY,
@@ -36,13 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a model shown beside the main one in the search tab, e.g. runs/global-bert.safetensors; "
                         f"repeat for several (default: the SCAN twin, {DEFAULT_COMPARISON.relative_to(ROOT)}, if present)")
     p.add_argument("--no-compare", action="store_true", help="serve the main model alone")
-    p.add_argument("--qdrant", default=None, metavar="URL_OR_PATH",
-                   help="search a Qdrant collection pushed by `python -m chan index` (a server's URL or a local folder) "
-                        "instead of the in-process index; caption ranking and the inspector still run here")
-    p.add_argument("--collection", default=None, help="with --qdrant: collection name (default: chan-<gallery folder name>)")
-    p.add_argument("--prefetch", type=int, default=None, metavar="N",
-                   help="with --qdrant: two-stage search, MaxSim over the N photos nearest by the global vectors "
-                        "(default: exact MaxSim over every photo)")
+    add_qdrant_options(p, where=" (a collection pushed by `python -m chan index`; caption ranking and the "
+                                "inspector still run here)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--device", default="auto",

@@ -144,16 +144,10 @@ def table_command(rows: list[str], data: Path, split: str | None) -> str:
     return table
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 100_000:
-        raise argparse.ArgumentTypeError(f"give a whole number from 1 to 100000, not {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import DEFAULT_CHECKPOINT
     from .gallery import DEFAULT_GALLERY
+    from .search import add_qdrant_options, positive_count
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="python -m chan", description=__doc__)
@@ -190,9 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY, help="gallery folder, any dataset layout (default: %(default)s)")
     p.add_argument("--split", default=None, help="gallery split (default: test where there is one, else every photo)")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="CHAN checkpoint (default: %(default)s)")
-    p.add_argument("--qdrant", required=True, metavar="URL_OR_PATH",
-                   help="a Qdrant server or cluster (http://HOST:6333), or a local folder (qdrant-client's local mode)")
-    p.add_argument("--collection", default=None, help="collection name (default: chan-<gallery folder name>)")
+    add_qdrant_options(p, push=True)
     add_device_option(p)
     p.set_defaults(func=_cmd_index)
 
@@ -203,13 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY, help="gallery folder (default: %(default)s)")
     p.add_argument("--split", default=None, help="gallery split, in process (default: test where there is one)")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="CHAN checkpoint (default: %(default)s)")
-    p.add_argument("--qdrant", default=None, metavar="URL_OR_PATH",
-                   help="search this Qdrant server or local folder instead of the in-process index")
-    p.add_argument("--collection", default=None, help="with --qdrant: collection name (default: chan-<gallery folder name>)")
-    p.add_argument("--prefetch", type=_positive, default=None, metavar="N",
-                   help="with --qdrant: two-stage search, MaxSim over the N photos nearest by the global vectors "
-                        "(default: exact MaxSim over every photo)")
-    p.add_argument("--k", type=_positive, default=10, help="photos to return (default: %(default)s)")
+    add_qdrant_options(p)
+    p.add_argument("--k", type=positive_count, default=10, help="photos to return (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, help="also write the hits as JSON")
     add_device_option(p)
     p.set_defaults(func=_cmd_search)

@@ -14,6 +14,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +88,18 @@ def default_cache_path(dataset: Dataset, settings: RegionSettings) -> Path:
 def photo_stat(path: Path) -> list:
     """What identifies a photo file's content: its size and a BLAKE2b digest of its bytes.
 
-    Not its modification time: a dataset copied or mounted again keeps its features.
+    Not its modification time: a dataset copied or mounted again keeps its features. Within one process a
+    file is read once while its size and time stay put (the gallery's index key, the cache check and the
+    extraction all ask).
     """
+    st = Path(path).stat()
+    return list(_content_stat(str(path), st.st_size, st.st_mtime_ns))
+
+
+@lru_cache(maxsize=1 << 18)
+def _content_stat(path: str, size: int, mtime_ns: int) -> tuple[int, str]:
     data = Path(path).read_bytes()
-    return [len(data), hashlib.blake2b(data, digest_size=16).hexdigest()]
+    return len(data), hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _pack(ids: list[str], regions: list[Regions], extractor: RegionExtractor, stats: list[list[int]]) -> tuple[dict, dict]:

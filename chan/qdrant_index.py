@@ -59,8 +59,8 @@ def check_model(model) -> None:
 class QdrantGallery:
     """One collection of one checkpoint's region embeddings: push photos, query captions."""
 
-    def __init__(self, client, collection: str, checkpoint_digest: str, target: str = ""):
-        self.client, self.collection, self.digest, self.target = client, collection, checkpoint_digest, target
+    def __init__(self, client, collection: str, target: str = ""):
+        self.client, self.collection, self.target = client, collection, target
 
     @classmethod
     def open(cls, target: str, collection: str, checkpoint_digest: str, dim: int | None = None) -> QdrantGallery:
@@ -84,7 +84,7 @@ class QdrantGallery:
         if built_by != checkpoint_digest:
             raise QdrantIndexError(f"{where} was built by another checkpoint (sha1 {str(built_by)[:12]}, not "
                                    f"{checkpoint_digest[:12]}): push this one into another --collection")
-        return cls(client, collection, checkpoint_digest, target)
+        return cls(client, collection, target)
 
     def close(self) -> None:
         """Let go of the server connection, or of a local folder's lock (another client may then open it)."""

@@ -2,6 +2,7 @@
 with either backend (the in-process torch index or a Qdrant collection), as the same JSON."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
 from .data import open_dataset
+from .encoding import encode_table
 from .features import table_for
 from .gallery import Gallery
 from .pair import encode_query
@@ -18,6 +20,26 @@ from .qdrant_index import QdrantGallery, check_model
 from .store import file_digest
 
 PUSH_BATCH = 64  # photos encoded and upserted at a time
+
+
+def positive_count(text: str) -> int:
+    """An argparse type: a whole number from 1 to 100,000."""
+    value = int(text)
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"give a whole number from 1 to 100000, not {text}")
+    return value
+
+
+def add_qdrant_options(parser: argparse.ArgumentParser, push: bool = False, where: str = "") -> None:
+    """--qdrant and --collection as `index`, `search` and app.py take them, and --prefetch for the queries."""
+    parser.add_argument("--qdrant", required=push, default=None, metavar="URL_OR_PATH",
+                        help="a Qdrant server or cluster (http://HOST:6333), or a local folder (qdrant-client's local "
+                             "mode)" + ("" if push else ", searched instead of the in-process index") + where)
+    parser.add_argument("--collection", default=None, help="collection name (default: chan-<gallery folder name>)")
+    if not push:
+        parser.add_argument("--prefetch", type=positive_count, default=None, metavar="N",
+                            help="with --qdrant: two-stage search, MaxSim over the N photos nearest by the global "
+                                 "vectors (default: exact MaxSim over every photo)")
 
 
 def default_collection(gallery: Path) -> str:
@@ -41,9 +63,7 @@ def index_command(gallery: Path, checkpoint: Path, target: str, collection: str 
         todo = [p.id for p in dataset.photos if p.id not in present and p.id in table.index]
         for start in tqdm(range(0, len(todo), PUSH_BATCH), desc="push", unit="batch", disable=not todo):
             ids = todo[start : start + PUSH_BATCH]
-            features, maps = table.model_inputs(table.rows(ids))
-            regions = model.encode_images(features, maps=maps)[0].half()  # fp16, as the torch index keeps them
-            remote.push(ids, regions)
+            remote.push(ids, encode_table(model, table, ids).embeddings.half())  # fp16, as the torch index keeps them
         summary = {"collection": collection, "target": target, "pushed": len(todo), "already_there": len(present),
                    "unreadable": sum(p.id not in table.index for p in dataset.photos), "points": remote.count()}
     print(f"{collection} at {target}: {summary['pushed']} photos pushed, {summary['already_there']} already there, "
