@@ -17,6 +17,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Requests run in several threads, each with its own OpenMP team: idle team threads sleep instead of spinning
 # on the two cores that the others need (read when torch loads, so set before it does).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Gradio recomputes its monitoring summary (a pandas table of up to 10,000 past events) after every event;
+# nothing here reads it, so every 100 events over the latest 1,000 (read when gradio loads).
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "100")
+os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
 
 
 

@@ -20,6 +20,7 @@ from chan.photos import PhotoError, load_photo
 from chan.regions import region_names
 
 from . import figures
+from .priority import in_photo_lane
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ class Handlers:
         return CompareResult(items, with_notes(status, notes))
 
     @friendly(RankResult)
+    @in_photo_lane
     def rank_captions(self, image_path: str | dict | None, own_captions: str = "", photo_id: str = ""):
         """Photo -> gallery captions and your own, ranked; the photo with its regions drawn."""
         image_path, photo_id = self.upload_path(image_path), photo_id_text(photo_id)
@@ -263,6 +265,7 @@ class Handlers:
         return load_photo(image_path) if image_path else None
 
     @friendly(AlignResult)
+    @in_photo_lane
     def align(self, image_path: str | dict | None, caption: str, photo_id: str = ""):
         """Pair -> hard-alignment heatmap, soft-attention heatmap, contributions, boxes, word choices."""
         image_path, photo_id = self.upload_path(image_path), photo_id_text(photo_id)

@@ -35,10 +35,12 @@ def launch(demo: gr.Blocks, gallery: Gallery, **kwargs) -> None:
     """Serve the demo locally: no share link, system fonts; the file route serves the gallery's photo folders.
 
     Not an allow-list of files: gradio checks each served file against every allowed path in turn, and
-    1,000 files cost 0.7 s per search result page (measured), so folders it is.
+    1,000 files cost 0.7 s per search result page (measured), so folders it is. They are gradio's static
+    paths: a result photo is served from where it lies, not hashed and copied into gradio's cache first.
     """
     folders = sorted({str(p.path.resolve().parent) for p in gallery.all_photos.values() if p.path})
-    demo.launch(share=False, theme=THEME, show_error=False, allowed_paths=folders, max_file_size=MAX_UPLOAD,
+    gr.set_static_paths(folders)
+    demo.launch(share=False, theme=THEME, show_error=False, max_file_size=MAX_UPLOAD,
                 state_session_capacity=SESSIONS_KEPT, **kwargs)
 
 

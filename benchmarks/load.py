@@ -53,12 +53,18 @@ def call(client: httpx.Client, url: str, api: str, data: list) -> tuple[bool, fl
     return ok, time.perf_counter() - start
 
 
-def client_run(url: str, requests: int, seed: int, photo_ids: list[str], upload: Path) -> list[tuple[str, bool, float]]:
+def upload_file(client: httpx.Client, url: str, photo: Path) -> dict:
+    """Upload a photo as the page does (not timed); returns the FileData that names it."""
+    r = client.post(f"{url}/gradio_api/upload", files={"files": (photo.name, photo.read_bytes(), "image/jpeg")})
+    return {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}, "orig_name": photo.name}
+
+
+def client_run(url: str, requests: int, seed: int, photo_ids: list[str], uploads: list[Path]) -> list[tuple[str, bool, float]]:
+    """One client's requests; each caption ranking uploads another photo first (the app keeps the regions of its
+    latest uploads, and a photo seen again would skip the extraction this request is meant to exercise)."""
     rng = random.Random(seed)
     out = []
     with httpx.Client(timeout=60) as client:
-        r = client.post(f"{url}/gradio_api/upload", files={"files": (upload.name, upload.read_bytes(), "image/jpeg")})
-        uploaded = {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}, "orig_name": upload.name}
         for _ in range(requests):
             x = rng.random()
             if x < 0.7:
@@ -66,7 +72,7 @@ def client_run(url: str, requests: int, seed: int, photo_ids: list[str], upload:
             elif x < 0.9:
                 api, data = "align", [None, rng.choice(QUERIES), rng.choice(photo_ids)]
             else:
-                api, data = "rank_captions", [uploaded, "a dog on the grass", ""]
+                api, data = "rank_captions", [upload_file(client, url, rng.choice(uploads)), "a dog on the grass", ""]
             out.append((api, *call(client, url, api, data)))
     return out
 
@@ -85,9 +91,10 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     sys.path.insert(0, str(ROOT))
-    from chan.data import DEFAULT_DATA, open_dataset
+    from chan.data import open_dataset
+    from chan.gallery import DEFAULT_GALLERY
 
-    gallery = args.gallery or DEFAULT_DATA
+    gallery = args.gallery or DEFAULT_GALLERY
     server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--gallery", str(gallery)],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = time.time()
@@ -103,7 +110,7 @@ def main() -> int:
                 time.sleep(1)
         dataset = open_dataset(gallery)
         photos = dataset.split(dataset.default_split()).photos
-        photo_ids, upload = [ph.id for ph in photos[:200]], photos[0].path
+        photo_ids, uploads = [ph.id for ph in photos[:200]], [ph.path for ph in photos[200:]]
 
         rss, results = [], []
         for round_ in range(args.rounds):
@@ -112,7 +119,7 @@ def main() -> int:
                 break
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
-                runs = pool.map(lambda c: client_run(url, args.requests, 1000 * round_ + c, photo_ids, upload),
+                runs = pool.map(lambda c: client_run(url, args.requests, 1000 * round_ + c, photo_ids, uploads),
                                 range(args.clients))
                 rows = [r for run in runs for r in run]
             wall = time.perf_counter() - t0

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .regions import RegionExtractor, Regions
 from .store import file_digest
 
 MODEL_NAMES = {"hard": "CHAN", "soft": "SCAN", "global": "global"}  # by the similarity a model ranks with
+UPLOADS_REMEMBERED = 32  # uploaded photos whose regions are kept (by content), so ranking then inspecting extracts once
 INDEX_CHUNK = 32  # photos per step of the gallery's indexing: the page's progress moves this often
 DEFAULT_GALLERY = Path(__file__).resolve().parents[1] / "assets" / "gallery"
 log = logging.getLogger(__name__)
@@ -80,6 +82,8 @@ class Gallery:
         self._show_bars = progress
         self._extractor: RegionExtractor | None = None
         self._extractor_lock = threading.Lock()
+        self._uploads: OrderedDict[tuple, Regions] = OrderedDict()  # photo_stat -> regions, least recent first
+        self._uploads_lock = threading.Lock()
         self.remote: QdrantGallery | None = None  # set by use_qdrant: searches then run there
         self.prefetch: int | None = None
         self.remote_photos = 0
@@ -298,7 +302,22 @@ class Gallery:
         if self.precomputed:
             raise QueryError("This model reads precomputed region features (the authors' bottom-up-attention files), "
                              "which cannot be computed for a new photo here: pick a gallery photo instead.")
-        return self.extractor([load_photo(photo)])[0]
+        return self._upload_regions(Path(photo))
+
+    def _upload_regions(self, photo: Path) -> Regions:
+        """Regions of a photo file, extracted once per content while it stays among the latest uploads."""
+        image = load_photo(photo)  # first: it says what is wrong with a file that is missing or no photo
+        key = tuple(photo_stat(photo))
+        with self._uploads_lock:
+            if key in self._uploads:
+                self._uploads.move_to_end(key)
+                return self._uploads[key]
+        regions = self.extractor([image])[0]
+        with self._uploads_lock:
+            self._uploads[key] = regions
+            while len(self._uploads) > UPLOADS_REMEMBERED:
+                self._uploads.popitem(last=False)
+        return regions
 
     def rank_captions(self, regions: Regions, own: list[str] | None = None, photo_id: str | None = None,
                       limit: int = 20) -> list[RankedCaption]:

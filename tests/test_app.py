@@ -1,5 +1,7 @@
 """The demo's handlers and figures, and every api_name through gradio_client."""
 import io
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -182,3 +184,24 @@ def test_a_plain_image_folder_is_a_gallery(tmp_path, gallery):
     assert len(items) == 3
     rows, _, _ = h.rank_captions(None, "a dog\na street", folder_gallery.photos[0].id)
     assert [r[3] for r in rows] == ["your caption", "your caption"]
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a POSIX feature")
+def test_photo_work_runs_in_one_thread_at_a_lower_cpu_priority(handlers, gallery):
+    from app.priority import PHOTO_WORK_NICENESS, in_photo_lane
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    where = in_photo_lane(lambda: (threading.current_thread().name, niceness()))
+    name, nice = where()
+    assert name.startswith("photo-work") and nice == min(19, niceness() + PHOTO_WORK_NICENESS)
+    assert where()[0] == name  # always the same thread
+
+    @in_photo_lane
+    def fails():
+        raise ValueError("raised in the lane")
+
+    with pytest.raises(ValueError, match="raised in the lane"):
+        fails()  # the caller gets the exception, and a handler turns it into its message
+    assert handlers.align(None, "a dog", gallery.photos[0].id).hard is not None

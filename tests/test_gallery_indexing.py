@@ -85,3 +85,27 @@ def test_a_second_model_is_compared_side_by_side(gallery):
     assert pending.label == scan.label and pending.gallery is None
     waiting = Handlers(gallery, comparisons=[pending])
     assert "loaded after the main model's gallery is indexed" in waiting.compare_images(QUERY, 8, pending.label)[-1]
+
+
+def test_an_uploaded_photo_is_extracted_once_per_content(gallery, tmp_path, monkeypatch):
+    from chan import gallery as gallery_module
+
+    source = gallery.photo_path(gallery.photos[0].id)
+    first, copy, other, third = (tmp_path / f"{name}.jpg" for name in "abcd")
+    first.write_bytes(source.read_bytes())
+    copy.write_bytes(source.read_bytes())  # the same photo uploaded again under another name
+    other.write_bytes(gallery.photo_path(gallery.photos[1].id).read_bytes())
+    third.write_bytes(gallery.photo_path(gallery.photos[2].id).read_bytes())
+    calls = []
+    extractor = gallery.extractor
+    monkeypatch.setattr(type(gallery), "extractor", property(lambda self: lambda images: calls.append(1) or extractor(images)))
+    a = gallery.photo_regions(first)
+    assert gallery.photo_regions(copy) is a and len(calls) == 1
+    assert gallery.photo_regions(other) is not a and len(calls) == 2
+    monkeypatch.setattr(gallery_module, "UPLOADS_REMEMBERED", 1)  # the oldest upload is forgotten past the bound
+    gallery.photo_regions(third)
+    assert len(calls) == 3 and len(gallery._uploads) == 1
+    gallery.photo_regions(first)
+    assert len(calls) == 4
+    with pytest.raises(PhotoError, match="no such file"):
+        gallery.photo_regions(tmp_path / "missing.jpg")

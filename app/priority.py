@@ -1,0 +1,39 @@
+"""Photo work at a lower CPU priority, so that searches pre-empt it on a busy machine.
+
+Uploads and the inspector take hundreds of milliseconds of CPU; searches take tens. Both queues run
+at once, and with equal priority a search shares the cores with whatever photo work is running.
+Photo work runs here instead, in one thread whose scheduling priority is lowered (Linux schedules
+each thread by its own nice value, and the threads it starts, such as ONNX Runtime's and OpenMP's
+workers, inherit it), so the kernel gives the searches the cores first and the photo work the rest.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+PHOTO_WORK_NICENESS = 10  # CFS weight 110 against 1,024 for a search thread: about 90% of a shared core goes to searches
+
+
+def lower_this_threads_priority(step: int = PHOTO_WORK_NICENESS) -> bool:
+    """Add `step` to the calling thread's nice value (Linux: per thread; at most 19); False where that fails."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + step))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+_photo_lane = ThreadPoolExecutor(1, thread_name_prefix="photo-work", initializer=lower_this_threads_priority)
+
+
+def in_photo_lane(fn):
+    """Run `fn` in the low-priority photo-work thread; the caller waits for its result (or its exception)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        return _photo_lane.submit(fn, *args, **kwargs).result()
+
+    return run
