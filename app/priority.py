@@ -26,14 +26,18 @@ def lower_this_threads_priority(step: int = PHOTO_WORK_NICENESS) -> bool:
         return False
 
 
-_photo_lane = ThreadPoolExecutor(1, thread_name_prefix="photo-work", initializer=lower_this_threads_priority)
+LANE_NAME = "photo-work"
+_photo_lane = ThreadPoolExecutor(1, thread_name_prefix=LANE_NAME, initializer=lower_this_threads_priority)
 
 
 def in_photo_lane(fn):
-    """Run `fn` in the low-priority photo-work thread; the caller waits for its result (or its exception)."""
+    """Run `fn` in the low-priority photo-work thread; the caller waits for its result (or its exception).
+    Called from that thread (photo work calling photo work), `fn` runs at once: one thread cannot wait on itself."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        if threading.current_thread().name.startswith(LANE_NAME):
+            return fn(*args, **kwargs)
         return _photo_lane.submit(fn, *args, **kwargs).result()
 
     return run

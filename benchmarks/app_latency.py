@@ -23,7 +23,8 @@ from chan.regions import RegionExtractor  # noqa: E402
 
 QUERIES = ["a black dog runs through the snow", "two children play on the beach", "a man rides a bike",
            "a girl in a pink dress", "people walk down a busy city street"]
-TARGETS_MS = {"caption -> images": 100, "image -> captions (upload, torch extraction)": 80, "image -> captions (upload)": 80, "inspector (gallery photo)": 300,
+TARGETS_MS = {"caption -> images": 100, "image -> captions (upload, torch extraction)": 80, "image -> captions (upload)": 80,
+              "image -> captions (the same upload again)": 80, "inspector (gallery photo)": 300,
               "warm start": 15000}
 
 
@@ -45,17 +46,23 @@ def main() -> None:
     h = Handlers(gallery)
     queries = iter(QUERIES * (args.repeats + 1))
     results["caption -> images"] = median_ms(lambda: gallery.search_images(next(queries), 12), args.repeats)
-    photo = str(gallery.photos[0].path)
+    # every timed upload is a photo not seen before: the app keeps the regions of its latest uploads
+    uploads = [str(p.path) for p in gallery.photos[: 2 * (args.repeats + 1)]]
+    photos = iter(uploads)
     gallery._extractor = RegionExtractor(gallery.settings, runtime="torch")  # the baseline, in the same run
-    results["image -> captions (upload, torch extraction)"] = median_ms(lambda: h.rank_captions(photo, "a dog\na cat", ""),
-                                                                        args.repeats)
+    results["image -> captions (upload, torch extraction)"] = median_ms(
+        lambda: h.rank_captions(next(photos), "a dog\na cat", ""), args.repeats)
     gallery._extractor = RegionExtractor(gallery.settings)  # what the app runs: ONNX Runtime
-    results["image -> captions (upload)"] = median_ms(lambda: h.rank_captions(photo, "a dog\na cat", ""), args.repeats)
+    results["image -> captions (upload)"] = median_ms(lambda: h.rank_captions(next(photos), "a dog\na cat", ""),
+                                                      args.repeats)
+    again = uploads[-1]  # the latest upload above: its regions are kept
+    results["image -> captions (the same upload again)"] = median_ms(lambda: h.rank_captions(again, "a dog\na cat", ""),
+                                                                     args.repeats)
     pid = gallery.photos[1].id
     results["inspector (gallery photo)"] = median_ms(lambda: h.align(None, QUERIES[0], pid), args.repeats)
-    print(f"{'action':<30}{'median ms':>12}{'target ms':>12}  met")
+    print(f"{'action':<44}{'median ms':>12}{'target ms':>12}  met")
     for name, ms in results.items():
-        print(f"{name:<30}{ms:>12.1f}{TARGETS_MS[name]:>12}  {'yes' if ms <= TARGETS_MS[name] else 'NO'}")
+        print(f"{name:<44}{ms:>12.1f}{TARGETS_MS[name]:>12}  {'yes' if ms <= TARGETS_MS[name] else 'NO'}")
     args.json.write_text(json.dumps(results, indent=2))
 
 

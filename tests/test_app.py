@@ -204,4 +204,5 @@ def test_photo_work_runs_in_one_thread_at_a_lower_cpu_priority(handlers, gallery
 
     with pytest.raises(ValueError, match="raised in the lane"):
         fails()  # the caller gets the exception, and a handler turns it into its message
+    assert in_photo_lane(where)()[0] == name  # photo work calling photo work runs at once (no deadlock)
     assert handlers.align(None, "a dog", gallery.photos[0].id).hard is not None
