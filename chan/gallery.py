@@ -98,8 +98,6 @@ class Gallery:
     first_caption = property(lambda self: self.index.first_caption)
     caption_texts = property(lambda self: self.index.caption_texts)
     caption_photo = property(lambda self: self.index.caption_photo)
-    caption_words = property(lambda self: self.index.caption_words)
-    caption_mask = property(lambda self: self.index.caption_mask)
 
     @property
     def model_name(self) -> str:
@@ -327,8 +325,7 @@ class Gallery:
         image = region_embeddings(self.model, regions)[None]
         image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
         with torch.no_grad():
-            gallery_scores = (self.model.scores(image, image_mask, index.caption_words, index.caption_mask)[0].cpu()
-                              if index.caption_texts else torch.zeros(0))
+            gallery_scores = index.caption_scores(self.model, image).cpu()
             own_scores = [torch.zeros(0)]
             for s in range(0, len(own), 32):  # bounded batches, whatever the count
                 emb, mask, _ = self.model.encode_texts(own[s : s + 32])

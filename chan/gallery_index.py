@@ -12,7 +12,6 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import store
 from .data import Photo
@@ -31,15 +30,55 @@ class GalleryIndex:
     first_caption: tuple[str, ...]  # each photo's first caption ("" if it has none)
     caption_texts: tuple[str, ...]  # every caption of the indexed photos, photo by photo
     caption_photo: torch.Tensor  # (M,) the photo (row of `photos`) each caption describes
-    caption_words: torch.Tensor  # (M, L, D) zero-padded, in the regions' dtype
-    caption_mask: torch.Tensor  # (M, L)
+    caption_words: torch.Tensor  # (W, D) pooled word embeddings, caption after caption (no padding), regions' dtype
+    caption_lengths: torch.Tensor  # (M,) each caption's count of pooled words
 
     @classmethod
     def empty(cls, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> "GalleryIndex":
         """An index of no photo, whose tensors live on `device` (where the model scores)."""
         return cls((), torch.zeros(0, 1, dim, dtype=dtype, device=device), (), (),
-                   torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, 1, dim, dtype=dtype, device=device),
-                   torch.zeros(0, 1, dtype=torch.bool, device=device))
+                   torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dim, dtype=dtype, device=device),
+                   torch.zeros(0, dtype=torch.long, device=device))
+
+    @cached_property
+    def caption_starts(self) -> torch.Tensor:
+        """(M,) where each caption's words begin in `caption_words`."""
+        return torch.cumsum(self.caption_lengths, 0) - self.caption_lengths
+
+    @cached_property
+    def word_caption(self) -> torch.Tensor:
+        """(W,) the caption each row of `caption_words` belongs to."""
+        return torch.repeat_interleave(torch.arange(len(self.caption_lengths), device=self.caption_lengths.device),
+                                       self.caption_lengths)
+
+    def padded_captions(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions `rows` as the scorers take them: words (m, L, D) zero-padded to the longest, and their mask."""
+        lengths, starts = self.caption_lengths[rows], self.caption_starts[rows]
+        positions = torch.arange(max(1, int(lengths.max()) if len(rows) else 1), device=lengths.device)
+        mask = positions[None] < lengths[:, None]
+        picked = (starts[:, None] + positions[None]).clamp(max=max(0, len(self.caption_words) - 1))
+        words = self.caption_words[picked] if len(self.caption_words) else self.caption_words.new_zeros(*mask.shape, 1)
+        return words * mask[..., None].to(words.dtype), mask
+
+    def caption_scores(self, model, image: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+        """One photo's regions (1, K, D) against every caption: (M,) float32 scores by the model's similarity.
+
+        CHAN with mean pooling scores all the words in one product (a word's best region, then each caption's
+        mean); other similarities take captions of similar length `chunk` at a time, padded from the packed words.
+        """
+        M = len(self.caption_lengths)
+        image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
+        if model.config.similarity == "hard" and model.config.pooling == "mean":
+            best = (self.caption_words @ image[0].to(self.caption_words.dtype).T).amax(-1).float()
+            sums = torch.zeros(M, device=best.device).index_add_(0, self.word_caption, best)
+            return sums / self.caption_lengths.clamp(min=1)
+        out = torch.empty(M, device=image.device)
+        order = torch.argsort(self.caption_lengths, stable=True)
+        for start in range(0, M, chunk):
+            rows = order[start : start + chunk]
+            words, mask = self.padded_captions(rows)
+            out[rows] = model.scores(image, image_mask, words, mask)[0].float()
+        return out
 
     @cached_property
     def photo_index(self) -> dict[str, int]:
@@ -56,11 +95,6 @@ class GalleryIndex:
         texts = [t for caps in captions for t in caps]
         owner = [len(self.photos) + i for i, caps in enumerate(captions) for _ in caps]
         dtype, device = self.region_embeddings.dtype, self.region_embeddings.device
-        L = max(self.caption_words.shape[1], int(lengths.max()) if len(lengths) else 1)
-        mask = torch.arange(L, device=device)[None] < lengths.to(device)[:, None]
-        padded = torch.zeros(len(lengths), L, self.caption_words.shape[-1], dtype=dtype, device=device)
-        padded[mask] = words.to(device, dtype)
-        pad = lambda t, extra=(): F.pad(t, (*extra, 0, L - t.shape[1]))  # noqa: E731
         before = (self.region_embeddings if len(self.photos)
                   else torch.zeros((0, *regions.shape[1:]), dtype=dtype, device=device))
         return GalleryIndex(
@@ -69,14 +103,13 @@ class GalleryIndex:
             self.first_caption + tuple(caps[0] if caps else "" for caps in captions),
             self.caption_texts + tuple(texts),
             torch.cat([self.caption_photo, torch.tensor(owner, dtype=torch.long, device=device)]),
-            torch.cat([pad(self.caption_words, (0, 0)), padded]),
-            torch.cat([pad(self.caption_mask), mask]),
+            torch.cat([self.caption_words, words.to(device, dtype)]),
+            torch.cat([self.caption_lengths, lengths.to(device, torch.long)]),
         )
 
     def save(self, path: Path) -> None:
-        lengths = self.caption_mask.sum(1)
-        tensors = {"regions": self.region_embeddings.half(), "caption_lengths": lengths,
-                   "caption_words": self.caption_words[self.caption_mask].half()}
+        tensors = {"regions": self.region_embeddings.half(), "caption_lengths": self.caption_lengths,
+                   "caption_words": self.caption_words.half()}
         tensors = {k: v.cpu() for k, v in tensors.items()}  # a cache is device-free
         store.write(path, tensors, {"photo_ids": json.dumps([p.id for p in self.photos])}, FORMAT)
 

@@ -109,3 +109,20 @@ def test_an_uploaded_photo_is_extracted_once_per_content(gallery, tmp_path, monk
     assert len(calls) == 4
     with pytest.raises(PhotoError, match="no such file"):
         gallery.photo_regions(tmp_path / "missing.jpg")
+
+
+@pytest.mark.parametrize("similarity", ["hard", "soft", "global"])
+def test_captions_scored_from_packed_words_match_the_padded_scorer(gallery, similarity, monkeypatch):
+    import torch
+
+    from chan.pair import region_embeddings
+
+    index = gallery.index
+    monkeypatch.setattr(gallery.model.config, "similarity", similarity)
+    image = region_embeddings(gallery.model, gallery.photo_regions(photo_id=gallery.photos[2].id))[None]
+    words, mask = index.padded_captions(torch.arange(len(index.caption_texts)))
+    assert int(mask.sum()) == len(index.caption_words) and words.shape[1] == int(index.caption_lengths.max())
+    with torch.no_grad():
+        expected = gallery.model.scores(image, torch.ones(image.shape[:2], dtype=torch.bool), words, mask)[0].float()
+        got = index.caption_scores(gallery.model, image, chunk=7)  # chunks of mixed lengths
+    assert torch.allclose(got, expected, atol=1e-4)
