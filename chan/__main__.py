@@ -59,7 +59,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    evaluate_command(args.checkpoint, args.data, args.split, args.json, args.similarity, resolve_device(args.device))
+    evaluate_command(args.checkpoint, args.data, args.split, args.json, args.similarity, resolve_device(args.device),
+                     args.global_weight)
 
 
 def _cmd_alignments(args: argparse.Namespace) -> None:
@@ -92,7 +93,7 @@ def _cmd_import_official(args: argparse.Namespace) -> None:
 
 
 def evaluate_command(checkpoints: list[Path] | None, data: Path, split: str | None, json_path: Path | None,
-                     similarity: str | None = None, device: torch.device | str = "cpu") -> dict:
+                     similarity: str | None = None, device: torch.device | str = "cpu", global_weight: float = 0.0) -> dict:
     """Evaluate a checkpoint (default: the app's), or the mean score of several (an ensemble).
 
     A split of 5,000 photos (COCO 5K) is also reported with the 5-fold 1K protocol (keys `fold5_*`).
@@ -103,7 +104,7 @@ def evaluate_command(checkpoints: list[Path] | None, data: Path, split: str | No
 
     dataset, split = open_split(data, split)
     checkpoints = checkpoints or [DEFAULT_CHECKPOINT]
-    scores, owner = ensemble_scores(checkpoints, dataset, similarity, device)
+    scores, owner = ensemble_scores(checkpoints, dataset, similarity, device, global_weight)
     metrics = recall_metrics(scores, owner)
     print(f"{scores.shape[0]} photos, {scores.shape[1]} captions, split {split or '(all photos)'}"
           + (f", mean score of {len(checkpoints)} models" if len(checkpoints) > 1 else ""))
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the metrics as flat JSON")
     p.add_argument("--similarity", choices=list(SCORERS), default=None,
                    help="score with this similarity instead of the one the model was trained with")
+    p.add_argument("--global-weight", type=float, default=0.0, metavar="W",
+                   help="add W x the cosine of the mean region and the mean word embedding to each score: a global "
+                        "term beside the model's own, read without retraining (default: %(default)s, none)")
     add_device_option(p)
     p.set_defaults(func=_cmd_evaluate)
 

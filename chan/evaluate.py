@@ -10,6 +10,7 @@ from .encoding import encode_captions, encode_table
 from .features import RegionTable, table_for
 from .metrics import recall_metrics
 from .model import CHAN
+from .similarity import global_scores
 
 COCO_5K = 5000  # a split this size is also reported with the 5-fold 1K protocol
 
@@ -29,13 +30,20 @@ def protocol_pairs(dataset: Dataset) -> tuple[list[str], list[str], torch.Tensor
 
 
 @torch.no_grad()
-def split_scores(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every caption of `dataset` against every photo: scores (N, M) and each caption's photo index."""
+def split_scores(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool = False,
+                 global_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every caption of `dataset` against every photo: scores (N, M) and each caption's photo index.
+
+    `global_weight` w adds w x the cosine of the mean region and the mean word embedding (a global term
+    beside the model's own score, read without retraining)."""
     model.eval()
     ids, texts, owner = protocol_pairs(dataset)
     images = encode_table(model, table, ids)
     captions = encode_captions(model, texts, progress=progress)
-    return model.scores(images.embeddings, images.mask, captions.embeddings, captions.mask).cpu(), owner
+    scores = model.scores(images.embeddings, images.mask, captions.embeddings, captions.mask)
+    if global_weight:
+        scores = scores + global_weight * global_scores(images.embeddings, images.mask, captions.embeddings, captions.mask)
+    return scores.cpu(), owner
 
 
 def evaluate(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool = False) -> dict[str, float]:
@@ -50,17 +58,19 @@ def open_split(data: Path, split: str | None) -> tuple[Dataset, str | None]:
 
 
 def checkpoint_scores(checkpoint: Path, dataset: Dataset, similarity: str | None = None,
-                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of one checkpoint on a dataset split (optionally with another similarity than it was trained with)."""
+                      device: torch.device | str = "cpu", global_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of one checkpoint on a dataset split (optionally with another similarity than it was trained with,
+    or a global term beside it)."""
     from .checkpoint import load_checkpoint
 
     model, settings, _ = load_checkpoint(checkpoint)
     model.config.similarity = similarity or model.config.similarity
-    return split_scores(model.to(device), dataset, table_for(dataset, settings, device=device), progress=True)
+    return split_scores(model.to(device), dataset, table_for(dataset, settings, device=device), progress=True,
+                        global_weight=global_weight)
 
 
 def ensemble_scores(checkpoints: list[Path], dataset: Dataset, similarity: str | None = None,
-                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                    device: torch.device | str = "cpu", global_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean score of several checkpoints (the authors' eval_ensemble), and each caption's photo index."""
-    runs = [checkpoint_scores(c, dataset, similarity, device) for c in checkpoints]
+    runs = [checkpoint_scores(c, dataset, similarity, device, global_weight) for c in checkpoints]
     return sum(s for s, _ in runs) / len(runs), runs[0][1]

@@ -54,11 +54,12 @@ class GalleryIndex:
     def padded_captions(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions `rows` as the scorers take them: words (m, L, D) zero-padded to the longest, and their mask."""
         lengths, starts = self.caption_lengths[rows], self.caption_starts[rows]
-        positions = torch.arange(max(1, int(lengths.max()) if len(rows) else 1), device=lengths.device)
+        positions = torch.arange(max(1, int(lengths.max()) if len(lengths) else 1), device=lengths.device)
         mask = positions[None] < lengths[:, None]
-        picked = (starts[:, None] + positions[None]).clamp(max=max(0, len(self.caption_words) - 1))
-        words = self.caption_words[picked] if len(self.caption_words) else self.caption_words.new_zeros(*mask.shape, 1)
-        return words * mask[..., None].to(words.dtype), mask
+        if not len(self.caption_words):  # no caption has a pooled word
+            return self.caption_words.new_zeros(*mask.shape, self.caption_words.shape[-1]), mask
+        picked = (starts[:, None] + positions[None]).clamp(max=len(self.caption_words) - 1)  # padding reads any row...
+        return self.caption_words[picked] * mask[..., None].to(self.caption_words.dtype), mask  # ...and is zeroed
 
     def caption_scores(self, model, image: torch.Tensor, chunk: int = 128) -> torch.Tensor:
         """One photo's regions (1, K, D) against every caption: (M,) float32 scores by the model's similarity.

@@ -31,9 +31,11 @@ def _pairs(values: list[str]) -> list[tuple[str, Path]]:
 
 def plot_dev_rsum(arms: list[tuple[str, Path]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for label, history in arms:
+    colours = plt.get_cmap("tab20").colors  # more arms than the default cycle's 10 colours
+    for i, (label, history) in enumerate(arms):
         rows = json.loads(history.read_text())
-        ax.plot([r["epoch"] for r in rows], [r["rsum"] for r in rows], "o-", label=label)
+        ax.plot([r["epoch"] for r in rows], [r["rsum"] for r in rows], "o-", label=label,
+                color=colours[(2 * i) % 20 + (2 * i) // 20])
     ax.set(xlabel="epoch", ylabel="dev RSUM (Flickr8k, 1,000 photos)", title="Region study: dev RSUM per epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)

@@ -104,6 +104,21 @@ def test_evaluate_command_writes_flat_json(trained, small_flickr, tmp_path, caps
     assert "100 photos, 500 captions, split test" in capsys.readouterr().out
 
 
+def test_evaluate_adds_a_weighted_global_term(trained, small_flickr):
+    from chan.evaluate import split_scores
+
+    model, settings, _ = load_checkpoint(trained[0])
+    dataset = open_dataset(small_flickr).split("dev")
+    table = table_for(open_dataset(small_flickr), settings)
+    hard, owner = split_scores(model, dataset, table)
+    model.config.similarity = "global"
+    pooled, _ = split_scores(model, dataset, table)
+    model.config.similarity = "hard"
+    both, same_owner = split_scores(model, dataset, table, global_weight=0.25)
+    assert torch.equal(owner, same_owner) and not torch.allclose(both, hard)
+    assert torch.allclose(both, hard + 0.25 * pooled, atol=1e-5)
+
+
 def test_table_has_a_row_per_checkpoint_and_per_ensemble(trained, small_flickr, tmp_path):
     out, _ = trained
     model, settings, _ = load_checkpoint(out)
