@@ -3,8 +3,9 @@
 Uploads and the inspector take hundreds of milliseconds of CPU; searches take tens. Both queues run
 at once, and with equal priority a search shares the cores with whatever photo work is running.
 Photo work runs here instead, in one thread whose scheduling priority is lowered (Linux schedules
-each thread by its own nice value, and the threads it starts, such as ONNX Runtime's and OpenMP's
-workers, inherit it), so the kernel gives the searches the cores first and the photo work the rest.
+each thread by its own nice value, and the threads it starts, such as its OpenMP workers, inherit it),
+so the kernel gives the searches the cores first and the photo work the rest. ONNX Runtime's worker is
+started by the thread that first extracts regions: this one, or on a first start the gallery's indexing.
 """
 from __future__ import annotations
 
