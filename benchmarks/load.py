@@ -72,7 +72,11 @@ def client_run(url: str, requests: int, seed: int, photo_ids: list[str], uploads
             elif x < 0.9:
                 api, data = "align", [None, rng.choice(QUERIES), rng.choice(photo_ids)]
             else:
-                api, data = "rank_captions", [upload_file(client, url, rng.choice(uploads)), "a dog on the grass", ""]
+                try:
+                    api, data = "rank_captions", [upload_file(client, url, rng.choice(uploads)), "a dog on the grass", ""]
+                except (httpx.HTTPError, ValueError, KeyError):  # a refused upload counts as that request's error
+                    out.append(("rank_captions", False, 0.0))
+                    continue
             out.append((api, *call(client, url, api, data)))
     return out
 
@@ -110,7 +114,7 @@ def main() -> int:
                 time.sleep(1)
         dataset = open_dataset(gallery)
         photos = dataset.split(dataset.default_split()).photos
-        photo_ids, uploads = [ph.id for ph in photos[:200]], [ph.path for ph in photos[200:]]
+        photo_ids, uploads = [ph.id for ph in photos[:200]], [ph.path for ph in photos[200:] or photos]
 
         rss, results = [], []
         for round_ in range(args.rounds):
