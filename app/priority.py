@@ -17,14 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 PHOTO_WORK_NICENESS = 10  # CFS weight 110 against 1,024 for a search thread: about 90% of a shared core goes to searches
 
 
-def lower_this_threads_priority(step: int = PHOTO_WORK_NICENESS) -> bool:
-    """Add `step` to the calling thread's nice value (Linux: per thread; at most 19); False where that fails."""
+def lower_this_threads_priority(step: int = PHOTO_WORK_NICENESS) -> None:
+    """Add `step` to the calling thread's nice value (Linux: per thread; at most 19). Where the platform has no
+    per-thread priorities or refuses, photo work runs at normal priority."""
     try:
         thread = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + step))
-        return True
     except (AttributeError, OSError):
-        return False
+        pass
 
 
 LANE_NAME = "photo-work"

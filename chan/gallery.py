@@ -304,13 +304,15 @@ class Gallery:
 
     def _upload_regions(self, photo: Path) -> Regions:
         """Regions of a photo file, extracted once per content while it stays among the latest uploads."""
-        image = load_photo(photo)  # first: it says what is wrong with a file that is missing or no photo
-        key = tuple(photo_stat(photo))
+        try:
+            key = tuple(photo_stat(photo))
+        except OSError:  # missing or unreadable: load_photo says so in the user's terms
+            return self.extractor([load_photo(photo)])[0]
         with self._uploads_lock:
             if key in self._uploads:
                 self._uploads.move_to_end(key)
                 return self._uploads[key]
-        regions = self.extractor([image])[0]
+        regions = self.extractor([load_photo(photo)])[0]
         with self._uploads_lock:
             self._uploads[key] = regions
             while len(self._uploads) > UPLOADS_REMEMBERED:

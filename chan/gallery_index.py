@@ -15,6 +15,7 @@ import torch
 
 from . import store
 from .data import Photo
+from .similarity import best_region_cosines
 
 FORMAT = "chan-gallery-2"
 
@@ -70,7 +71,7 @@ class GalleryIndex:
         M = len(self.caption_lengths)
         image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
         if model.config.similarity == "hard" and model.config.pooling == "mean":
-            best = (self.caption_words @ image[0].to(self.caption_words.dtype).T).amax(-1).float()
+            best = best_region_cosines(image.to(self.caption_words.dtype), image_mask, self.caption_words)[:, 0].float()
             sums = torch.zeros(M, device=best.device).index_add_(0, self.word_caption, best)
             return sums / self.caption_lengths.clamp(min=1)
         out = torch.empty(M, device=image.device)
