@@ -63,13 +63,17 @@ def soft_attention_heatmap(attention: np.ndarray, words: list[str], labels: list
     return _layout(fig, "Soft cross-attention it replaces (SCAN weights)", len(words))
 
 
-def contribution_bars(contributions: np.ndarray, words: list[str]) -> go.Figure:
-    """Each word's share of the total score."""
-    fig = go.Figure(go.Bar(x=contributions, y=word_names(words), orientation="h",
-                           marker_color=[word_colour(i) for i in range(len(words))],
+def contribution_bars(contributions: np.ndarray, words: list[str], global_term: float = 0.0) -> go.Figure:
+    """Each word's share of the total score, and the global term's where the model has one."""
+    names, colours = word_names(words), [word_colour(i) for i in range(len(words))]
+    values = list(contributions)
+    if global_term:
+        names, colours, values = names + ["global term (mean word · mean region)"], colours + ["#888888"], values + [global_term]
+    fig = go.Figure(go.Bar(x=values, y=names, orientation="h", marker_color=colours,
                            hovertemplate="%{y}: %{x:.4f}<extra></extra>"))
-    fig.update_layout(title=f"Contribution of each word (total {contributions.sum():.3f})",
-                      height=max(260, 60 + 20 * len(words)), margin=dict(l=10, r=10, t=40, b=10),
+    title = "Contribution of each word" + (" and of the global term" if global_term else "")
+    fig.update_layout(title=f"{title} (total {sum(values):.3f})",
+                      height=max(260, 60 + 20 * len(values)), margin=dict(l=10, r=10, t=40, b=10),
                       yaxis=dict(autorange="reversed"), plot_bgcolor="white")
     return fig
 

@@ -280,6 +280,9 @@ class Handlers:
                   f"from {g.label}'s embeddings, which ranks by {SIMILARITY_NAMES[g.model.config.similarity]}. "
                   f"{len(set(a.chosen.tolist()))} distinct regions chosen by {len(pair.words)} tokens; "
                   f"{a.cosine.size - len(pair.words)} alignments eliminated.  \n{pooled_over(g, len(pair.words))}")
+        if a.global_term:
+            status += (f"  \nBoth scores include this model's global term, {a.global_term:.3f} "
+                       f"({g.model.config.global_weight:g} x the cosine of the mean word and the mean region).")
         if pair.boxes is None:
             status += ("  \nThis gallery holds precomputed region features (the authors' bottom-up-attention files) "
                        f"without photos or boxes, so regions are named by index (r0–r{len(pair.region_labels) - 1}) "
@@ -287,7 +290,7 @@ class Handlers:
         return AlignResult(
             figures.hard_alignment_heatmap(a.cosine, a.chosen, pair.words, pair.region_labels, pair.boxes, size),
             figures.soft_attention_heatmap(a.soft_attention, pair.words, pair.region_labels, pair.boxes, size),
-            figures.contribution_bars(a.contributions, pair.words),
+            figures.contribution_bars(a.contributions, pair.words, a.global_term),
             self.draw_alignment(state, None),
             words,
             state,

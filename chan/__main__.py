@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tune the backbone's last blocks and head on cached trunk maps (default: %(default)s)")
     p.add_argument("--pooled-tokens", choices=["content", "all"], default=d.pooled_tokens,
                    help="content: special tokens and punctuation never align or pool; all: every token (default: %(default)s)")
+    p.add_argument("--global-weight", type=float, default=d.global_weight, metavar="W",
+                   help="score = the similarity + W x the cosine of the mean region and the mean pooled word, trained "
+                        "together and kept in the checkpoint (default: %(default)s, none)")
     p.add_argument("--max-photos", type=int, default=None, help="use only the first N train photos (quick runs)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--init", type=Path, default=None,

@@ -49,7 +49,8 @@ def _draw_caption(ax, pair: PairAlignment) -> None:
     a = pair.alignment
     lines = [(name, f"r{k} {pair.region_labels[k]}".strip()) for name, k in zip(pair.row_names, a.chosen.tolist())]
     step = min(0.09, 0.9 / max(len(lines), 1))
-    ax.text(0, 1, f"hard-alignment score {a.score:.3f} · soft-attention score {a.soft_score:.3f}", fontsize=9,
+    ax.text(0, 1, f"hard-alignment score {a.score:.3f} · soft-attention score {a.soft_score:.3f}"
+            + (f" (each with a global term of {a.global_term:.3f})" if a.global_term else ""), fontsize=9,
             va="top", transform=ax.transAxes)
     for i, (name, region) in enumerate(lines):
         y = 0.92 - i * step

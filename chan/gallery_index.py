@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import store
 from .data import Photo
@@ -52,6 +53,13 @@ class GalleryIndex:
         return torch.repeat_interleave(torch.arange(len(self.caption_lengths), device=self.caption_lengths.device),
                                        self.caption_lengths)
 
+    @cached_property
+    def caption_centres(self) -> torch.Tensor:
+        """(M, D) each caption's mean pooled word, L2-normalised (the global term's caption side), float32."""
+        sums = torch.zeros(len(self.caption_lengths), self.caption_words.shape[-1], device=self.caption_words.device)
+        sums.index_add_(0, self.word_caption, self.caption_words.float())
+        return F.normalize(sums / self.caption_lengths.clamp(min=1)[:, None], dim=-1)
+
     def padded_captions(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions `rows` as the scorers take them: words (m, L, D) zero-padded to the longest, and their mask."""
         lengths, starts = self.caption_lengths[rows], self.caption_starts[rows]
@@ -73,7 +81,10 @@ class GalleryIndex:
         if model.config.similarity == "hard" and model.config.pooling == "mean":
             best = best_region_cosines(image.to(self.caption_words.dtype), image_mask, self.caption_words)[:, 0].float()
             sums = torch.zeros(M, device=best.device).index_add_(0, self.word_caption, best)
-            return sums / self.caption_lengths.clamp(min=1)
+            scores = sums / self.caption_lengths.clamp(min=1)
+            if model.config.global_weight:  # the global term, as model.scores adds it
+                scores += model.config.global_weight * (self.caption_centres @ F.normalize(image[0].float().mean(0), dim=0))
+            return scores
         out = torch.empty(M, device=image.device)
         order = torch.argsort(self.caption_lengths, stable=True)
         for start in range(0, M, chunk):

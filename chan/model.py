@@ -18,7 +18,7 @@ from torch import nn
 
 from .backbone import BACKBONE_CHANNELS, BackboneTail, load_backbone, pool_regions
 from .device import bf16_pays
-from .similarity import SCORERS
+from .similarity import SCORERS, global_scores
 
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"]
 # tokens that stand for no word of a caption, BERT's and the BiGRU's ([UNK] and <unk> do stand for one)
@@ -47,6 +47,7 @@ class ModelConfig:
     tail_start: int = 0  # >0: the backbone's blocks from this one on (and its head) are tuned, on cached trunk maps
     backbone: str = "efficientnet-lite0"
     roi_size: int = 2
+    global_weight: float = 0.0  # >0: the score adds this x the cosine of the mean region and the mean pooled word
 
 
 def bert_path(name: str) -> str:
@@ -278,7 +279,12 @@ class CHAN(nn.Module):
         return self.text_encoder(ids, mask), pooled, words
 
     def scores(self, images, image_mask, captions, caption_mask) -> torch.Tensor:
-        return SCORERS[self.config.similarity](images, image_mask, captions, caption_mask, self.config.pooling)
+        """(N, M) scores: the configured similarity, plus the global term where the model was trained with one."""
+        c = self.config
+        scores = SCORERS[c.similarity](images, image_mask, captions, caption_mask, c.pooling)
+        if c.global_weight:
+            scores = scores + c.global_weight * global_scores(images, image_mask, captions, caption_mask).to(scores.dtype)
+        return scores
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The weights a checkpoint stores: everything that trains (frozen base layers are not)."""

@@ -141,5 +141,6 @@ def align_pair(model: CHAN, regions: Regions, caption: str) -> PairAlignment:
     """Which region each token of `caption` hard-aligned to, and the soft attention it replaces."""
     emb, mask, words = encode_query(model, caption)
     with torch.no_grad():
-        a = align(region_embeddings(model, regions).cpu(), emb[0][mask[0]].cpu(), model.config.pooling)
+        a = align(region_embeddings(model, regions).cpu(), emb[0][mask[0]].cpu(), model.config.pooling,
+                  model.config.global_weight)
     return PairAlignment(words, region_names(regions), regions.boxes, a)

@@ -54,6 +54,9 @@ def check_model(model) -> None:
     if c.similarity != "hard" or c.pooling != "mean":
         raise QdrantIndexError(f"Qdrant serves CHAN's hard alignment with mean pooling (MaxSim / words); this checkpoint "
                                f"ranks by {c.similarity} similarity with {c.pooling} pooling: serve it in process instead")
+    if c.global_weight:
+        raise QdrantIndexError(f"Qdrant serves MaxSim alone; this checkpoint adds a global term ({c.global_weight:g} x the "
+                               "cosine of the mean region and mean word) to it: serve it in process instead")
 
 
 class QdrantGallery:

@@ -157,14 +157,16 @@ class Alignment:
     cosine: np.ndarray  # (L, K) word x region cosines
     chosen: np.ndarray  # (L,) the region each word hard-aligned to
     word_scores: np.ndarray  # (L,) each word's max cosine
-    contributions: np.ndarray  # (L,) each word's share of the pooled score (sums to `score`)
+    contributions: np.ndarray  # (L,) each word's share of the pooled score (with `global_term`, sums to `score`)
     score: float  # the CHAN score of the pair
     soft_attention: np.ndarray  # (L, K) SCAN weights of the same pair (rows sum to 1)
     soft_score: float
+    global_term: float = 0.0  # w x cos(mean region, mean word), for a model trained with a global term
 
 
-def align(regions: torch.Tensor, words: torch.Tensor, pooling: str = "mean") -> Alignment:
-    """Hard and soft alignment of one pair: regions (K, D) and words (L, D), no padding."""
+def align(regions: torch.Tensor, words: torch.Tensor, pooling: str = "mean", global_weight: float = 0.0) -> Alignment:
+    """Hard and soft alignment of one pair: regions (K, D) and words (L, D), no padding; `global_weight` adds the
+    model's global term to both scores."""
     sims = words @ regions.T
     best, chosen = sims.max(-1)
     L = len(words)
@@ -175,8 +177,9 @@ def align(regions: torch.Tensor, words: torch.Tensor, pooling: str = "mean") -> 
     ones_r, ones_w = torch.ones(1, len(regions), dtype=torch.bool), torch.ones(1, L, dtype=torch.bool)
     alpha = _scan_attention(_cosines(regions[None], ones_r, words[None]), ones_w)[0, :, 0]
     soft = soft_scores(regions[None], ones_r, words[None], ones_w, pooling)[0, 0]
+    term = global_weight * float(global_scores(regions[None], ones_r, words[None], ones_w)[0, 0]) if global_weight else 0.0
     return Alignment(
         cosine=sims.numpy(), chosen=chosen.numpy(), word_scores=best.numpy(), contributions=contributions.numpy(),
-        score=float(pool_words(best, torch.ones(L, dtype=torch.bool), pooling)), soft_attention=alpha.numpy(),
-        soft_score=float(soft),
+        score=float(pool_words(best, torch.ones(L, dtype=torch.bool), pooling)) + term, soft_attention=alpha.numpy(),
+        soft_score=float(soft) + term, global_term=term,
     )

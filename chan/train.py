@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     regions: str = "proposals"  # proposals: objectness-ranked boxes, no whole photo; legacy: whole photo + grid + detections
     tune_backbone: bool = True  # tune the backbone's tail on cached trunk maps (needs the proposals regions)
+    global_weight: float = 0.0  # >0: train with a global term in the score (W x cosine of the mean region and mean word)
     pooled_tokens: str = "content"  # content: no special tokens or punctuation in the max and the pooling; all
     init: Path | None = None  # start from this checkpoint's weights and continue its epochs (fresh optimizer state)
     device: str = "auto"  # auto: the GPU when CUDA is available, else the CPU
@@ -126,10 +127,15 @@ def _schedule_from(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_s
         group["lr"] = base_lr * scheduler.gamma ** (epoch // lr_step)
 
 
+def _without_global(config: dict) -> dict:
+    """A model description less its global weight: a model may start from one trained with another weight (or none)."""
+    return {k: v for k, v in config.items() if k != "global_weight"}
+
+
 def _warm_start(model: CHAN, settings: RegionSettings, init: Path) -> tuple[int, list[dict]]:
     """Load a trained checkpoint's weights into `model`; returns the epochs it ran and their history (if kept beside it)."""
     trained, regions, info = load_checkpoint(init)
-    if trained.describe() != model.describe() or regions != settings:
+    if _without_global(trained.describe()) != _without_global(model.describe()) or regions != settings:
         raise ValueError(f"--init {init} was trained with another model or other regions (see its metadata); "
                          "give the options it was trained with")
     model.load_state_dict({**model.state_dict(), **trained.trainable_state()})
@@ -221,7 +227,7 @@ def train(c: TrainConfig) -> dict:
         similarity=c.similarity, pooling=pooling, self_attention=self_attention,
         finetune_layers=c.finetune_layers, bert_model=c.bert_model, vocab=build_vocab([x.text for x in train_set.captions]) if bigru else [],
         pooled_tokens=c.pooled_tokens, tail_start=settings.tail_start if c.tune_backbone else 0,
-        backbone=settings.backbone, roi_size=settings.roi_size,
+        backbone=settings.backbone, roi_size=settings.roi_size, global_weight=c.global_weight,
     )
     model = CHAN(config).to(device)
     if bigru:
@@ -239,7 +245,8 @@ def train(c: TrainConfig) -> dict:
     if state_path.exists():
         state = torch.load(state_path, weights_only=True, map_location="cpu")
         expected = set(model.trainable_state())
-        if "config" in state and json.loads(state["config"]) != json.loads(json.dumps(model.describe())):
+        stored = asdict(ModelConfig(**json.loads(state["config"]))) if "config" in state else None  # older states: defaults filled
+        if stored is not None and stored != json.loads(json.dumps(model.describe())):
             raise ValueError(f"{state_path} was trained with another model configuration (see its checkpoint's metadata); "
                              "resume with the same options, use another --out, or delete it to start over")
         if set(state["model"]) != expected:

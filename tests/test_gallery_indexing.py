@@ -111,14 +111,15 @@ def test_an_uploaded_photo_is_extracted_once_per_content(gallery, tmp_path, monk
         gallery.photo_regions(tmp_path / "missing.jpg")
 
 
-@pytest.mark.parametrize("similarity", ["hard", "soft", "global"])
-def test_captions_scored_from_packed_words_match_the_padded_scorer(gallery, similarity, monkeypatch):
+@pytest.mark.parametrize("similarity,global_weight", [("hard", 0.0), ("soft", 0.0), ("global", 0.0), ("hard", 0.3)])
+def test_captions_scored_from_packed_words_match_the_padded_scorer(gallery, similarity, global_weight, monkeypatch):
     import torch
 
     from chan.pair import region_embeddings
 
     index = gallery.index
     monkeypatch.setattr(gallery.model.config, "similarity", similarity)
+    monkeypatch.setattr(gallery.model.config, "global_weight", global_weight)  # a model trained with a global term
     image = region_embeddings(gallery.model, gallery.photo_regions(photo_id=gallery.photos[2].id))[None]
     words, mask = index.padded_captions(torch.arange(len(index.caption_texts)))
     assert int(mask.sum()) == len(index.caption_words) and words.shape[1] == int(index.caption_lengths.max())

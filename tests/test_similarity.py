@@ -95,8 +95,14 @@ def test_align_one_pair(pooling):
     naive = np.array([[float(w @ r) for r in regions] for w in words])  # one dot product per word-region pair
     np.testing.assert_allclose(a.cosine, naive, atol=1e-5)
     assert list(a.chosen) == [int(np.argmax(row)) for row in naive]
-    assert abs(a.contributions.sum() - a.score) < 1e-5
+    assert abs(a.contributions.sum() - a.score) < 1e-5 and a.global_term == 0
     assert abs(a.score - float(hard_scores(images, full[0], captions, full[1], pooling)[0, 0])) < 1e-5
+    # a model trained with a global term: both scores add it, and the words' shares plus it make the score
+    g = align(regions, words, pooling, global_weight=0.5)
+    assert g.global_term == pytest.approx(0.5 * float(global_scores(images, full[0], captions, full[1])[0, 0]), abs=1e-6)
+    assert g.score == pytest.approx(a.score + g.global_term, abs=1e-6) and g.global_term != 0
+    assert g.soft_score == pytest.approx(a.soft_score + g.global_term, abs=1e-6)
+    assert g.contributions.sum() + g.global_term == pytest.approx(g.score, abs=1e-5)
     # SCAN t2i written out from its definition: attention over regions, attended vector, cosine, pooled
     leaky = np.where(naive > 0, naive, 0.1 * naive)
     normed = leaky / np.linalg.norm(leaky, axis=0, keepdims=True)

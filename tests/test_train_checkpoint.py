@@ -71,6 +71,31 @@ def test_a_warm_start_continues_a_checkpoints_epochs_and_history(trained, small_
         train(TrainConfig(data=small_flickr, out=tmp_path / "soft.safetensors", epochs=4, similarity="soft", init=init))
 
 
+def test_a_global_term_is_trained_in_and_kept(trained, small_flickr, tmp_path):
+    """--global-weight W from a checkpoint without one: the score adds W x the global cosine, and the checkpoint keeps W."""
+    init, _ = trained
+    kept = read_metadata(init)["info"]["epoch"]
+    out = tmp_path / "global.safetensors"
+    config = dict(data=small_flickr, out=out, epochs=kept + 1, batch_size=64, lr_step=kept)
+    train(TrainConfig(**config, init=init, global_weight=0.25))
+    model, settings, info = load_checkpoint(out)
+    assert model.config.global_weight == 0.25 and info["epoch"] == kept + 1
+    dataset = open_dataset(small_flickr)
+    dev, table = dataset.split("dev"), table_for(dataset, settings)
+    with_term, _ = split_scores(model, dev, table)
+    model.config.global_weight = 0.0
+    assert torch.allclose(with_term, split_scores(model, dev, table, global_weight=0.25)[0], atol=1e-5)
+    assert not torch.allclose(with_term, split_scores(model, dev, table)[0])
+    # a run state saved before the option existed holds no weight: it resumes as a model without the term
+    state = torch.load(out.with_suffix(".state.pt"), weights_only=True)
+    stored = json.loads(state["config"])
+    del stored["global_weight"]
+    torch.save({**state, "config": json.dumps(stored)}, out.with_suffix(".state.pt"))
+    with pytest.raises(ValueError, match="another model configuration"):
+        train(TrainConfig(**config, global_weight=0.25))
+    assert train(TrainConfig(**config))["history"][-1]["epoch"] == kept + 1
+
+
 def test_resume_refuses_the_state_of_another_model(tmp_path, flickr8k):
     data = make_flickr_subset(tmp_path / "data", flickr8k, 20, 10)
     out = tmp_path / "run.safetensors"
