@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import plotly.graph_objects as go
+from gradio.components.plot import PlotData
 from gradio.utils import get_upload_folder
 from PIL import Image
 
@@ -43,9 +43,9 @@ class RankResult(NamedTuple):
 
 
 class AlignResult(NamedTuple):
-    hard: go.Figure | None
-    soft: go.Figure | None
-    contributions: go.Figure | None
+    hard: PlotData | None
+    soft: PlotData | None
+    contributions: PlotData | None
     drawn: Image.Image | None
     words: list[str] | None  # the rows' names, for the word picker
     state: Inspection | None

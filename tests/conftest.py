@@ -5,6 +5,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -82,3 +83,8 @@ def gallery(small_flickr):
     from chan.gallery import Gallery
 
     return Gallery(DEFAULT_CHECKPOINT, open_dataset(small_flickr).split("test"), progress=False)
+
+
+def plot_traces(plot) -> list:
+    """The traces of a gr.Plot value written as Plotly JSON, with attribute access (trace.z, trace.x)."""
+    return [SimpleNamespace(**t) for t in json.loads(plot.plot)["data"]]

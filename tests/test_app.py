@@ -13,6 +13,7 @@ from app.handlers import Handlers
 from chan.checkpoint import DEFAULT_CHECKPOINT
 from chan.device import bf16_pays
 from chan.encoding import encode_table
+from tests.conftest import plot_traces
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +122,14 @@ def test_align_figures_mark_the_chosen_regions(handlers, gallery):
     a = state.pair.alignment
     L, K = a.cosine.shape
     assert len(words) == L and K == len(gallery.table.regions(photo.id).labels)
-    grey, kept, rings = hard.data
+    grey, kept, rings = plot_traces(hard)
     assert np.asarray(grey.z).shape == (L, K)
     kept_z = np.asarray(kept.z, dtype=float)
     assert (~np.isnan(kept_z)).sum() == L  # one kept cell per word, all others eliminated
     assert list(np.nanargmax(kept_z, 1)) == list(a.chosen)
     assert list(rings.x) == [f"r{k} {state.pair.region_labels[k]}" for k in a.chosen]
-    assert np.allclose(np.asarray(soft.data[0].z).sum(1), 1.0, atol=1e-4)
-    assert np.isclose(sum(bars.data[0].x), a.score, atol=1e-4)
+    assert np.allclose(np.asarray(plot_traces(soft)[0].z).sum(1), 1.0, atol=1e-4)
+    assert np.isclose(sum(plot_traces(bars)[0].x), a.score, atol=1e-4)
     assert drawn.size[0] > 0 and "eliminated" in status
     one = Handlers.draw_alignment(state, words[1])
     assert one.size == drawn.size

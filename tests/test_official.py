@@ -20,6 +20,7 @@ from chan.evaluate import split_scores
 from chan.features import FeatureMismatchError, table_for
 from chan.metrics import fold_metrics
 from chan.official import ReleaseError, import_official
+from tests.conftest import plot_traces
 
 EMBED, IMG_DIM, WORD_DIM, N_IMAGES, REGIONS = 1024, 2048, 300, 8, 36
 WORDS = "a the dog dogs man woman child runs jumps sits on in through grass snow water ball red blue black white".split()
@@ -306,7 +307,7 @@ def test_the_demo_serves_an_imported_model_on_its_precomputed_folder(bigru_relea
     assert items[0][0].size == (300, 300)  # a card with the photo id and caption stands in for the missing photo
     hard, soft, bars, drawn, words, state, status = h.align(None, "a dog runs through the snow", ids[0])
     assert drawn is None and words[1] == "1:a" and "named by index (r0–r35)" in status
-    assert "r0" in hard.data[0].x and len(hard.data[0].x) == REGIONS
+    assert "r0" in plot_traces(hard)[0].x and len(plot_traces(hard)[0].x) == REGIONS
     rows, drawn, status = h.rank_captions(None, "a red ball", ids[0])
     assert len(rows) == 21 and drawn is None and "precomputed regions" in status
     photo = tmp_path / "photo.png"
@@ -343,7 +344,7 @@ def test_an_imported_model_draws_real_boxes_on_a_tsv_gallery(bigru_release, tmp_
     items, ids, status = h.search_images("a dog runs through the snow", 3)
     assert len(ids) == 3 and str(items[0][0]).endswith(".jpg")  # the photo itself, not a stand-in card
     r = h.align(None, "a dog runs through the snow", ids[0])
-    assert r.drawn is not None and "r0 box" in r.hard.data[0].x and "named by index" not in r.status
+    assert r.drawn is not None and "r0 box" in plot_traces(r.hard)[0].x and "named by index" not in r.status
     fig_path = tmp_path / "fig.svg"
     fig = figure_command("a dog runs through the snow", fig_path, out, gallery=tsv, photo_id=ids[0])
     photo_ax = next(ax for ax in fig.axes if ax.get_label() == "photo")
