@@ -1,8 +1,8 @@
 """The gallery index in Qdrant's local mode against the in-process torch index; prints a table, writes JSON.
 
-python benchmarks/qdrant.py [--photos 2000,10000] [--queries 30] [--prefetch 100,500] [--json FILE]
-Real region embeddings of Flickr8k photos (the default checkpoint over the cached features of every
-photo); sizes past the dataset's 8,091 photos are filled with copies of its photos whose region
+python benchmarks/qdrant.py [--checkpoint C] [--photos 2000,10000] [--queries 30] [--prefetch 100,500] [--json FILE]
+Real region embeddings of Flickr8k photos (the checkpoint, default the app's, over the cached features of
+every photo; a model with a global term is queried with it, as the app does); sizes past the dataset's 8,091 photos are filled with copies of its photos whose region
 order is shuffled (a copy scores like its original: this measures time, not accuracy). Queries are
 dev captions. Per size: push time (batches of 64 upserts), median query time of the torch index,
 of Qdrant's exact MaxSim and of the two-stage query (prefetch by the global vector, MaxSim
@@ -39,10 +39,10 @@ def _sizes(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def region_embeddings(model, n: int) -> tuple[list[str], torch.Tensor]:
+def region_embeddings(model, settings, n: int) -> tuple[list[str], torch.Tensor]:
     """n photos' (n, K, D) fp16 embeddings: every Flickr8k photo, then shuffled-region copies up to n."""
     dataset = open_dataset(DEFAULT_DATA)
-    table = table_for(dataset, load_checkpoint(DEFAULT_CHECKPOINT)[1])
+    table = table_for(dataset, settings)
     ids = table.photo_ids[:n]
     parts = [encode_table(model, table, ids[s : s + 512]).embeddings.half()
              for s in tqdm(range(0, len(ids), 512), desc="encode", unit="batch")]
@@ -57,14 +57,15 @@ def region_embeddings(model, n: int) -> tuple[list[str], torch.Tensor]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="default: the app's")
     p.add_argument("--photos", type=_sizes, default=[2000, 10000], help="gallery sizes (default: 2000,10000)")
     p.add_argument("--queries", type=int, default=30, help="dev captions queried (default: %(default)s)")
     p.add_argument("--prefetch", type=_sizes, default=[100, 500], help="two-stage candidates (default: 100,500)")
     p.add_argument("--json", type=Path, default=Path("benchmarks/qdrant.json"))
     args = p.parse_args()
     logging.disable(logging.WARNING)
-    model = load_checkpoint(DEFAULT_CHECKPOINT)[0]
-    ids, emb = region_embeddings(model, max(args.photos))
+    model, settings, _ = load_checkpoint(args.checkpoint)
+    ids, emb = region_embeddings(model, settings, max(args.photos))
     dev = open_dataset(DEFAULT_DATA).split("dev")
     queries = []
     for c in dev.captions[:: max(1, len(dev.captions) // args.queries)][: args.queries]:
@@ -89,7 +90,7 @@ def main() -> None:
                 times, found = [], 0
                 for (e, m), truth in zip(queries, exact):
                     start = time.perf_counter()
-                    hits = q.search(e[0][m[0]], 10, prefetch)
+                    hits = q.search(e[0][m[0]], 10, prefetch, model.config.global_weight)
                     times.append(1000 * (time.perf_counter() - start))
                     found += len(truth & {pid for pid, _ in hits})
                 name = "exact" if prefetch is None else f"prefetch{prefetch}"

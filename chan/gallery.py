@@ -237,7 +237,7 @@ class Gallery:
 
     def _search_remote(self, emb: torch.Tensor, mask: torch.Tensor, k: int) -> list[Hit]:
         try:
-            found = self.remote.search(emb[0][mask[0]], k, self.prefetch)
+            found = self.remote.search(emb[0][mask[0]], k, self.prefetch, self.model.config.global_weight)
         except QdrantIndexError as e:
             raise QueryError(f"The search engine did not answer; try again in a moment. ({e})") from e
         hits = []

@@ -4,7 +4,8 @@ With mean pooling, CHAN's hard alignment scores a caption of L pooled words agai
 (1/L) sum_i max_k cos(w_i, r_k): exactly Qdrant's late-interaction MaxSim (`MAX_SIM` multivector
 comparator, cosine) divided by L. Each photo is one point with two named vectors: `regions`, its K
 region embeddings (a multivector, float16, no HNSW graph: MaxSim is computed exactly), and `global`,
-their mean (HNSW), which a two-stage query uses to prefetch candidates before MaxSim reranks them.
+their mean (HNSW), which a two-stage query uses to prefetch candidates before MaxSim reranks them, and
+which a model trained with a global term adds to MaxSim.
 The collection records the checkpoint it was built by, and refuses queries from another one.
 """
 from __future__ import annotations
@@ -54,9 +55,6 @@ def check_model(model) -> None:
     if c.similarity != "hard" or c.pooling != "mean":
         raise QdrantIndexError(f"Qdrant serves CHAN's hard alignment with mean pooling (MaxSim / words); this checkpoint "
                                f"ranks by {c.similarity} similarity with {c.pooling} pooling: serve it in process instead")
-    if c.global_weight:
-        raise QdrantIndexError(f"Qdrant serves MaxSim alone; this checkpoint adds a global term ({c.global_weight:g} x the "
-                               "cosine of the mean region and mean word) to it: serve it in process instead")
 
 
 class QdrantGallery:
@@ -122,23 +120,67 @@ class QdrantGallery:
             for pid, r, g in zip(photo_ids, regions, pooled)
         ])
 
-    def search(self, words: torch.Tensor, k: int, prefetch: int | None = None) -> list[tuple[str, float]]:
+    def _query(self, query, using: str, limit: int, **options) -> list:
+        try:
+            return self.client.query_points(self.collection, query=query, using=using, limit=limit,
+                                            with_payload=["photo_id"], **options).points
+        except Exception as e:  # the server went away, or the collection did
+            raise QdrantIndexError(f"the Qdrant collection {self.collection!r} at {self.target} did not answer: {e}") from e
+
+    def search(self, words: torch.Tensor, k: int, prefetch: int | None = None,
+               global_weight: float = 0.0) -> list[tuple[str, float]]:
         """(photo id, CHAN score) of the top k photos for a caption's (L, D) pooled word embeddings.
 
         Exact MaxSim over every photo, or with `prefetch`, MaxSim over the `prefetch` photos nearest by the
-        global vectors (one query either way).
+        global vectors (one query either way). A model trained with a global term (`global_weight` w >= 0)
+        scores MaxSim / L + w x cos(global vector, mean word): see `_search_with_global_term`.
         """
         from qdrant_client import models
 
         words = words.float().cpu()
-        query = words.tolist()
+        centre = global_vectors(words[None], torch.ones(1, len(words), dtype=torch.bool))[0]
+        if global_weight:
+            return self._search_with_global_term(words, centre, k, prefetch, global_weight)
         options = {}
         if prefetch:
-            centre = global_vectors(words[None], torch.ones(1, len(words), dtype=torch.bool))[0]
             options["prefetch"] = models.Prefetch(query=centre.tolist(), using=GLOBAL, limit=max(prefetch, k))
-        try:
-            response = self.client.query_points(self.collection, query=query, using=REGIONS, limit=k,
-                                                with_payload=["photo_id"], **options)
-        except Exception as e:  # the server went away, or the collection did
-            raise QdrantIndexError(f"the Qdrant collection {self.collection!r} at {self.target} did not answer: {e}") from e
-        return [(p.payload["photo_id"], p.score / len(words)) for p in response.points]
+        points = self._query(words.tolist(), REGIONS, k, **options)
+        return [(p.payload["photo_id"], p.score / len(words)) for p in points]
+
+    def _search_with_global_term(self, words: torch.Tensor, centre: torch.Tensor, k: int, prefetch: int | None,
+                                 weight: float) -> list[tuple[str, float]]:
+        """Top k by MaxSim / L + w x global cosine. With `prefetch`: every candidate of the two-stage query scored so.
+        Exact: the n best photos by MaxSim and the n best by the global cosine, each scored whole; once the k-th
+        best score reaches what a photo in neither list could score (the n-th MaxSim plus w x the n-th cosine,
+        Fagin's threshold), no other photo can enter the top k; else n grows."""
+        from qdrant_client import models
+
+        L, query, centre_list = len(words), words.tolist(), centre.tolist()
+
+        def scored(points, cosines: dict | None = None) -> dict[str, float]:
+            return {p.payload["photo_id"]: p.score / L + weight * (cosines[p.id] if cosines is not None else
+                                                                   float(torch.tensor(p.vector[GLOBAL]) @ centre))
+                    for p in points}
+
+        if prefetch:
+            candidates = models.Prefetch(query=centre_list, using=GLOBAL, limit=max(prefetch, k))
+            scores = scored(self._query(query, REGIONS, max(prefetch, k), prefetch=candidates, with_vectors=[GLOBAL]))
+            return sorted(scores.items(), key=lambda item: -item[1])[:k]
+        n = max(4 * k, 64)
+        while True:
+            by_maxsim = self._query(query, REGIONS, n, with_vectors=[GLOBAL])
+            by_global = self._query(centre_list, GLOBAL, n)
+            scores = scored(by_maxsim)
+            seen = {point_id(pid) for pid in scores}
+            rest = [p for p in by_global if p.id not in seen]  # near by the global vector, not by MaxSim
+            if rest:
+                only = models.Filter(must=[models.HasIdCondition(has_id=[p.id for p in rest])])
+                scores.update(scored(self._query(query, REGIONS, len(rest), query_filter=only),
+                                     {p.id: p.score for p in rest}))
+            ranked = sorted(scores.items(), key=lambda item: -item[1])[:k]
+            if len(by_maxsim) < n:  # every photo was scored
+                return ranked
+            reachable = by_maxsim[-1].score / L + weight * (by_global[-1].score if len(by_global) == n else -1.0)
+            if len(ranked) == k and ranked[-1][1] >= reachable:
+                return ranked
+            n *= 4

@@ -82,7 +82,7 @@ def search_command(text: str, gallery: Path, checkpoint: Path, target: str | Non
         collection = collection or default_collection(gallery)
         emb, mask, _ = encode_query(model, text)
         with QdrantGallery.open(target, collection, file_digest(checkpoint)) as remote:
-            found = remote.search(emb[0][mask[0]], k, prefetch)
+            found = remote.search(emb[0][mask[0]], k, prefetch, model.config.global_weight)
     else:
         dataset = open_dataset(gallery)
         g = Gallery(checkpoint, dataset.split(split or dataset.default_split()), device=device)

@@ -207,6 +207,8 @@ def train(c: TrainConfig) -> dict:
     pooling = c.pooling or ("lse" if bigru else "mean")
     self_attention = bigru if c.self_attention is None else c.self_attention
 
+    if c.global_weight < 0:
+        raise ValueError(f"--global-weight {c.global_weight}: give a weight of 0 or more")
     world, device = join(c.device)
     dataset = open_dataset(c.data)
     train_set, dev_set = dataset.split("train"), dataset.split("dev")

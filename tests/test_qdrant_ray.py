@@ -48,10 +48,13 @@ def _torch_top(gallery: Gallery, text: str, k: int) -> list[tuple[str, float]]:
 
 def _qdrant_top(gallery: Gallery, remote: QdrantGallery, text: str, k: int, prefetch=None) -> list[tuple[str, float]]:
     emb, mask, _ = encode_query(gallery.model, text)
-    return remote.search(emb[0][mask[0]], k, prefetch)
+    return remote.search(emb[0][mask[0]], k, prefetch, gallery.model.config.global_weight)
 
 
-def test_qdrant_gives_the_torch_top10_and_scores(photos200, pushed):
+@pytest.mark.parametrize("global_weight", [0.0, 0.1, 2.0])
+def test_qdrant_gives_the_torch_top10_and_scores(photos200, pushed, global_weight, monkeypatch):
+    """MaxSim alone, and with a model's global term (a large weight too: its top 10 then leans on the global vectors)."""
+    monkeypatch.setattr(photos200.model.config, "global_weight", global_weight)
     with QdrantGallery.open(pushed, "t", file_digest(DEFAULT_CHECKPOINT)) as remote:
         for text in _queries(photos200, 8):
             expected, got = _torch_top(photos200, text, 10), _qdrant_top(photos200, remote, text, 10)
