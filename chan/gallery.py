@@ -273,7 +273,7 @@ class Gallery:
             except QueryError as e:
                 return [out[i] or e for i in range(len(texts))]
             with torch.no_grad():
-                scores = self.model.scores(index.region_embeddings, index.region_mask, q.embeddings, q.mask).cpu()
+                scores = index.photo_scores(self.model, q.embeddings, q.mask).cpu()
             for j, i in enumerate(q.rows):
                 top = scores[:, j].topk(min(ks[i], len(scores)))
                 hits = [Hit(r + 1, float(s), index.photos[n].id, str(index.photos[n].path or ""), index.first_caption[n])

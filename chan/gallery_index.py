@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import store
 from .data import Photo
-from .similarity import best_region_cosines
+from .similarity import SCORERS, best_region_cosines, global_vectors
 
 FORMAT = "chan-gallery-2"
 
@@ -92,6 +92,20 @@ class GalleryIndex:
             words, mask = self.padded_captions(rows)
             out[rows] = model.scores(image, image_mask, words, mask)[0].float()
         return out
+
+    @cached_property
+    def region_centres(self) -> torch.Tensor:
+        """(N, D) each photo's mean region, L2-normalised (the global term's photo side), float32."""
+        return global_vectors(self.region_embeddings.float(), self.region_mask)
+
+    def photo_scores(self, model, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """(N, M) every indexed photo against these captions' (M, L, D) words, as `model.scores` gives them; the
+        global term, where the model has one, from the photos' mean regions computed once."""
+        c = model.config
+        scores = SCORERS[c.similarity](self.region_embeddings, self.region_mask, words, word_mask, c.pooling)
+        if c.global_weight:
+            scores += c.global_weight * (self.region_centres @ global_vectors(words.float(), word_mask).T)
+        return scores
 
     @cached_property
     def photo_index(self) -> dict[str, int]:

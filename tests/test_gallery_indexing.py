@@ -127,3 +127,18 @@ def test_captions_scored_from_packed_words_match_the_padded_scorer(gallery, simi
         expected = gallery.model.scores(image, torch.ones(image.shape[:2], dtype=torch.bool), words, mask)[0].float()
         got = index.caption_scores(gallery.model, image, chunk=7)  # chunks of mixed lengths
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("global_weight", [0.0, 0.3])
+def test_photo_scores_match_the_models_scores(gallery, global_weight, monkeypatch):
+    """A search scores the index as model.scores does, the global term from the photos' mean regions kept once."""
+    import torch
+
+    monkeypatch.setattr(gallery.model.config, "global_weight", global_weight)
+    index = gallery.index
+    with torch.no_grad():
+        emb, mask, _ = gallery.model.encode_texts(["a dog runs through the grass", "two children play on a beach"])
+        expected = gallery.model.scores(index.region_embeddings, index.region_mask, emb, mask).float()
+        got = index.photo_scores(gallery.model, emb, mask)
+    assert got.shape == (len(index.photos), 2)
+    assert torch.allclose(got, expected, atol=1e-4 if index.region_embeddings.dtype == torch.float32 else 2e-2)
