@@ -114,7 +114,8 @@ def pooled_over(gallery: Gallery, n_tokens: int) -> str:
     how = "the mean" if c.pooling == "mean" else "a log-sum-exp (soft maximum)"
     which = ("special tokens and punctuation are left out" if c.pooled_tokens == "content"
              else "special tokens and punctuation are included, as this model was trained")
-    return (f"The score is {how} of each row's kept cosine over these {n_tokens} tokens: {which}, and a word split "
+    score = "The words' part of the score" if c.global_weight else "The score"
+    return (f"{score} is {how} of each row's kept cosine over these {n_tokens} tokens: {which}, and a word split "
             "into pieces keeps one row per piece, named with its whole word.")
 
 

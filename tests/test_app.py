@@ -116,6 +116,16 @@ def test_bad_uploads_get_a_message(handlers, tmp_path, monkeypatch):
     assert "too large" in handlers.rank_captions(big, "", "")[2]
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.1])
+def test_the_inspector_shows_a_global_term_where_the_model_has_one(handlers, gallery, weight, monkeypatch):
+    monkeypatch.setattr(gallery.model.config, "global_weight", weight)
+    r = handlers.align(None, "a dog on the grass", gallery.photos[2].id)
+    a, bars = r.state.pair.alignment, plot_traces(r.contributions)[0]
+    assert len(bars.y) == len(r.words) + (1 if weight else 0) and (a.global_term != 0) == bool(weight)
+    assert np.isclose(sum(bars.x), a.score, atol=1e-4)  # the words' shares and the term make the score
+    assert ("global term" in r.status) == bool(weight) and ("words' part of the score" in r.status) == bool(weight)
+
+
 def test_align_figures_mark_the_chosen_regions(handlers, gallery):
     photo = gallery.photos[2]
     hard, soft, bars, drawn, words, state, status = handlers.align(None, "a dog on the grass", photo.id)
