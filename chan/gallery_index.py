@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import store
 from .data import Photo
-from .similarity import SCORERS, best_region_cosines, global_vectors
+from .similarity import best_region_cosines, global_vectors
 
 FORMAT = "chan-gallery-2"
 
@@ -83,7 +83,7 @@ class GalleryIndex:
             sums = torch.zeros(M, device=best.device).index_add_(0, self.word_caption, best)
             scores = sums / self.caption_lengths.clamp(min=1)
             if model.config.global_weight:  # the global term, as model.scores adds it
-                scores += model.config.global_weight * (self.caption_centres @ F.normalize(image[0].float().mean(0), dim=0))
+                scores += model.config.global_weight * (self.caption_centres @ global_vectors(image.float(), image_mask)[0])
             return scores
         out = torch.empty(M, device=image.device)
         order = torch.argsort(self.caption_lengths, stable=True)
@@ -99,13 +99,9 @@ class GalleryIndex:
         return global_vectors(self.region_embeddings.float(), self.region_mask)
 
     def photo_scores(self, model, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
-        """(N, M) every indexed photo against these captions' (M, L, D) words, as `model.scores` gives them; the
-        global term, where the model has one, from the photos' mean regions computed once."""
-        c = model.config
-        scores = SCORERS[c.similarity](self.region_embeddings, self.region_mask, words, word_mask, c.pooling)
-        if c.global_weight:
-            scores += c.global_weight * (self.region_centres @ global_vectors(words.float(), word_mask).T)
-        return scores
+        """(N, M) every indexed photo against these captions' (M, L, D) words by `model.scores`; the global term,
+        where the model has one, from the photos' mean regions computed once."""
+        return model.scores(self.region_embeddings, self.region_mask, words, word_mask, image_globals=self.region_centres)
 
     @cached_property
     def photo_index(self) -> dict[str, int]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .backbone import BACKBONE_CHANNELS, BackboneTail, load_backbone, pool_regions
 from .device import bf16_pays
-from .similarity import SCORERS, global_scores
+from .similarity import SCORERS, global_vectors
 
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"]
 # tokens that stand for no word of a caption, BERT's and the BiGRU's ([UNK] and <unk> do stand for one)
@@ -278,12 +278,16 @@ class CHAN(nn.Module):
         words = [[w for w, keep in zip(ws, row.tolist()) if keep] for ws, row in zip(words, pooled)]
         return self.text_encoder(ids, mask), pooled, words
 
-    def scores(self, images, image_mask, captions, caption_mask) -> torch.Tensor:
-        """(N, M) scores: the configured similarity, plus the global term where the model was trained with one."""
+    def scores(self, images, image_mask, captions, caption_mask, image_globals: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, M) scores: the configured similarity, plus the global term where the model was trained with one
+        (`image_globals`: the photos' global vectors, where the caller keeps them; else computed here)."""
         c = self.config
         scores = SCORERS[c.similarity](images, image_mask, captions, caption_mask, c.pooling)
         if c.global_weight:
-            scores = scores + c.global_weight * global_scores(images, image_mask, captions, caption_mask).to(scores.dtype)
+            if image_globals is None:
+                image_globals = global_vectors(images, image_mask)
+            term = image_globals @ global_vectors(captions.to(image_globals.dtype), caption_mask).T
+            scores = scores + c.global_weight * term.to(scores.dtype)
         return scores
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
