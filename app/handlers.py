@@ -21,6 +21,7 @@ from chan.regions import region_names
 
 from . import figures
 from .priority import in_photo_lane
+from .served_photos import served_photos
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,14 @@ class Handlers:
         self.gallery = gallery
         self.comparisons = {c.label: c for c in comparisons}
         self.upload_folder = Path(upload_folder or get_upload_folder()).resolve()
-        self.gallery_files = {str(p.path.resolve()) for p in gallery.all_photos.values() if p.path}
+        self.served = served_photos(gallery)
+        self.gallery_files = {str(p.path.resolve()) for p in gallery.all_photos.values() if p.path} | {
+            str(p) for p in self.served.values()}
+
+    def shown_path(self, photo_id) -> str | None:
+        """A gallery photo's file as the page shows it (in the served folder); None for other ids."""
+        path = self.served.get(photo_id) if isinstance(photo_id, str) else None
+        return str(path) if path else None
 
     def upload_path(self, image: str | dict | None) -> str | None:
         """The file behind an Image input, only if gradio received it as an upload or it is a gallery photo.
@@ -202,7 +210,7 @@ class Handlers:
                 results[i] = SearchResult(None, None, f"⚠️ {answer}")
             else:
                 hits, notes, ms = answer
-                items = [(h.path or figures.placeholder(h.photo_id, h.caption),
+                items = [(self.shown_path(h.photo_id) or figures.placeholder(h.photo_id, h.caption),
                           f"#{h.rank} · {h.score:.3f} ({g.model_name}) · {h.caption}") for h in hits]
                 status = f"Top {len(hits)} of {g.search_scope()} in {ms:.0f} ms · {self._scored_by(g)}."
                 results[i] = SearchResult(items, [h.photo_id for h in hits], with_notes(status, notes))
@@ -223,7 +231,7 @@ class Handlers:
         main_rank = {h.photo_id: h.rank for h in self.gallery.search_images(query, k)[0]}
         hits, notes, ms = other.search_images(query, k)
         main = self.gallery.model_name
-        items = [(h.path or figures.placeholder(h.photo_id, h.caption),
+        items = [(self.shown_path(h.photo_id) or figures.placeholder(h.photo_id, h.caption),
                   f"#{h.rank} {rank_change(h.rank, main_rank.get(h.photo_id), main, k)} · {h.score:.3f} ({other.model_name})")
                  for h in hits]
         status = (f"Top {len(hits)} of {len(other.photos)} photos in {ms:.0f} ms · {self._scored_by(other)}. "

@@ -8,6 +8,7 @@ import gradio as gr
 from chan.gallery import Comparison, Gallery
 
 from .handlers import NO_COMPARISON, Handlers
+from .served_photos import served_photos
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # System fonts only: the page requests nothing from the internet.
@@ -32,14 +33,12 @@ SESSIONS_KEPT = 200  # at most this many sessions' state in memory: API calls ea
 
 
 def launch(demo: gr.Blocks, gallery: Gallery, **kwargs) -> None:
-    """Serve the demo locally: no share link, system fonts; the file route serves the gallery's photo folders.
+    """Serve the demo locally: no share link, system fonts; the file route serves the gallery's photos and no other file.
 
-    Not an allow-list of files: gradio checks each served file against every allowed path in turn, and
-    1,000 files cost 0.7 s per search result page (measured), so folders it is. They are gradio's static
-    paths: a result photo is served from where it lies, not hashed and copied into gradio's cache first.
+    They are gradio's static paths, a folder holding exactly the gallery's photos (`served_photos`): a result
+    photo is served from there, not hashed and copied into gradio's cache first.
     """
-    folders = sorted({str(p.path.resolve().parent) for p in gallery.all_photos.values() if p.path})
-    gr.set_static_paths(folders)
+    gr.set_static_paths(sorted({str(path.parent) for path in served_photos(gallery).values()}))
     demo.launch(share=False, theme=THEME, show_error=False, max_file_size=MAX_UPLOAD,
                 state_session_capacity=SESSIONS_KEPT, **kwargs)
 
@@ -149,8 +148,7 @@ def build_demo(gallery: Gallery, comparisons: list[Comparison] = ()) -> gr.Block
 
         def open_hit(ids: list[str], caption: str, evt: gr.SelectData):
             photo_id = ids[evt.index]
-            path = gallery.photo_path(photo_id)
-            return str(path) if path else None, photo_id, caption, gr.Tabs(selected="inspect")
+            return h.shown_path(photo_id), photo_id, caption, gr.Tabs(selected="inspect")
 
         align_inputs = [inspect_image, inspect_caption, inspect_photo_id]
         align_outputs = [hard_plot, soft_plot, contrib_plot, aligned_image, word, inspection, inspect_status]
@@ -182,8 +180,7 @@ def build_demo(gallery: Gallery, comparisons: list[Comparison] = ()) -> gr.Block
         inspect_image.upload(lambda: "", None, inspect_photo_id, api_visibility="private")
 
         def pick_photo(photo_id: str | None):
-            path = gallery.photo_path(photo_id) if isinstance(photo_id, str) else None
-            return str(path) if path else None, photo_id or ""
+            return h.shown_path(photo_id), photo_id or ""
 
         pick.change(pick_photo, pick, [upload, rank_photo_id], api_visibility="private")
         upload.upload(lambda: "", None, rank_photo_id, api_visibility="private")

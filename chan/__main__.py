@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "up to 20 confident detections and grid cells (default: %(default)s)")
     p.add_argument("--tune-backbone", action=argparse.BooleanOptionalAction, default=d.tune_backbone,
                    help="tune the backbone's last blocks and head on cached trunk maps (default: %(default)s)")
+    p.add_argument("--tune-from", type=int, default=d.tune_from, metavar="BLOCK",
+                   help="with --tune-backbone, the first tuned backbone block; the cache keeps its input map, so "
+                        "another block means another feature cache (default: %(default)s)")
     p.add_argument("--pooled-tokens", choices=["content", "all"], default=d.pooled_tokens,
                    help="content: special tokens and punctuation never align or pool; all: every token (default: %(default)s)")
     p.add_argument("--global-weight", type=float, default=d.global_weight, metavar="W",
@@ -238,9 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-photos", type=int, default=None, help="use only the first N train photos (quick runs)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--init", type=Path, default=None,
-                   help="start from this trained checkpoint (same options and regions): its weights, the epoch they are "
-                        "from (its best on dev) and its history up to it (fresh optimizer state); --epochs counts "
-                        "those epochs too")
+                   help="start from this trained checkpoint (same options and regions; its global weight and a "
+                        "later --tune-from may differ, the blocks it did not tune starting from ImageNet): its "
+                        "weights, the epoch they are from (its best on dev) and its history up to it (fresh optimizer "
+                        "state); --epochs counts those epochs too")
     add_device_option(p)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
                    help="auto and bf16: bf16 autocast on a GPU; fp32: none. On the CPU only the tuned backbone tail "

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .backbone import load_backbone
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEFAULT_DATA, open_dataset
 from .device import autocast
@@ -53,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     regions: str = "proposals"  # proposals: objectness-ranked boxes, no whole photo; legacy: whole photo + grid + detections
     tune_backbone: bool = True  # tune the backbone's tail on cached trunk maps (needs the proposals regions)
+    tune_from: int = RegionSettings.tail_start  # the tail's first block: its input map is what the cache keeps
     global_weight: float = 0.0  # >0: train with a global term in the score (W x cosine of the mean region and mean word)
     pooled_tokens: str = "content"  # content: no special tokens or punctuation in the max and the pooling; all
     init: Path | None = None  # start from this checkpoint's weights and continue its epochs (fresh optimizer state)
@@ -127,22 +130,37 @@ def _schedule_from(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_s
         group["lr"] = base_lr * scheduler.gamma ** (epoch // lr_step)
 
 
-def _without_global(config: dict) -> dict:
-    """A model description less its global weight: a model may start from one trained with another weight (or none)."""
-    return {k: v for k, v in config.items() if k != "global_weight"}
+def _comparable(config: dict) -> dict:
+    """A model description less what a warm start may change: the global weight and where the tuned tail starts."""
+    return {k: v for k, v in config.items() if k not in ("global_weight", "tail_start")}
+
+
+def _tail_shifted(name: str, shift: int) -> str:
+    """A tuned-tail weight's name in a tail that starts `shift` blocks earlier."""
+    match = re.fullmatch(r"(.*\btail\.blocks\.)(\d+)(\..+)", name)
+    return f"{match[1]}{int(match[2]) + shift}{match[3]}" if match else name
 
 
 def _warm_start(model: CHAN, settings: RegionSettings, init: Path) -> tuple[int, list[dict]]:
-    """Load a trained checkpoint's weights into `model`; returns the epochs it ran and their history (if kept beside it)."""
+    """Load a trained checkpoint's weights into `model`; returns the epochs it ran and their history (if kept beside it).
+
+    The checkpoint may have tuned fewer backbone blocks (a later tail start): its blocks go to the end of
+    this model's tail, and the blocks before them start from the backbone's ImageNet weights.
+    """
     trained, regions, info = load_checkpoint(init)
-    if _without_global(trained.describe()) != _without_global(model.describe()) or regions != settings:
+    ours, theirs = model.describe()["tail_start"], trained.describe()["tail_start"]
+    shift = theirs - ours
+    untailed = [replace(r, tail_start=0) if isinstance(r, RegionSettings) else r for r in (regions, settings)]
+    if (_comparable(trained.describe()) != _comparable(model.describe()) or untailed[0] != untailed[1]
+            or shift < 0 or bool(ours) != bool(theirs)):
         raise ValueError(f"--init {init} was trained with another model or other regions (see its metadata); "
-                         "give the options it was trained with")
-    model.load_state_dict({**model.state_dict(), **trained.trainable_state()})
+                         "give the options it was trained with (--tune-from may only start earlier than its)")
+    model.load_state_dict({**model.state_dict(), **{_tail_shifted(k, shift): v for k, v in trained.trainable_state().items()}})
     epochs = int(info.get("epoch", 0))
     history_path = Path(init).with_suffix(".history.json")
     history = json.loads(history_path.read_text()) if history_path.exists() else []
-    log.info("starting from %s after its epoch %d (fresh optimizer state)", init, epochs)
+    log.info("starting from %s after its epoch %d (fresh optimizer state%s)", init, epochs,
+             f"; backbone blocks {ours}-{theirs - 1} from ImageNet" if shift else "")
     return epochs, [h for h in history if h["epoch"] <= epochs]
 
 
@@ -216,9 +234,12 @@ def train(c: TrainConfig) -> dict:
         keep = {p.id for p in train_set.photos[: c.max_photos]}
         train_set.photos = [p for p in train_set.photos if p.id in keep]
         train_set.captions = [x for x in train_set.captions if x.photo_id in keep]
-    settings = RegionSettings() if c.regions == "proposals" else LEGACY_SETTINGS
+    settings = RegionSettings(tail_start=c.tune_from) if c.regions == "proposals" else LEGACY_SETTINGS
     if c.tune_backbone and not settings.tail_start:
         raise ValueError(f"--tune-backbone needs regions that keep the backbone's trunk maps; {c.regions!r} regions do not")
+    blocks = len(load_backbone(settings.backbone)._blocks) if c.tune_backbone else 0
+    if c.tune_backbone and not 0 < c.tune_from < blocks:
+        raise ValueError(f"--tune-from {c.tune_from}: {settings.backbone} has blocks 0-{blocks - 1}; give one of 1-{blocks - 1}")
     table: RegionTable = table_for(dataset, settings, device=device, world=world)  # sharded under torchrun
     torch.manual_seed(c.seed)  # after the region cache: extracting it (or not) must not change the run
     random.seed(c.seed)

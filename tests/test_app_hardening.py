@@ -3,6 +3,7 @@ import httpx
 import pytest
 
 from app.handlers import MAX_OWN_CAPTIONS, NOT_AN_UPLOAD, Handlers
+from app.served_photos import served_photos
 from chan.checkpoint import DEFAULT_CHECKPOINT
 from tests.conftest import call_api as _call
 
@@ -48,11 +49,16 @@ def test_fake_filedata_meta_is_stopped(server):
     assert "ms" in _call(server, "search_images", ["a dog", 3])
 
 
-def test_file_route_serves_the_gallery_folder_only(server, gallery):
-    inside = gallery.photos[0].path.resolve()
+def test_file_route_serves_the_gallery_photos_only(server, gallery):
+    served = served_photos(gallery)
+    folder = next(iter(served.values())).parent
+    assert sorted(folder.iterdir()) == sorted(served.values()) and len(served) == len(gallery.all_photos)
+    source_folder = gallery.photos[0].path.parent  # the dataset's folder: every split's photos
+    outside_split = next(p for p in sorted(source_folder.iterdir()) if p.name not in gallery.all_photos)
     with httpx.Client(timeout=30) as client:
-        assert client.get(f"{server}/gradio_api/file={inside}").status_code == 200
-        assert client.get(f"{server}/gradio_api/file={SERVER_FILE}").status_code in (403, 404)
+        assert client.get(f"{server}/gradio_api/file={served[gallery.photos[0].id]}").status_code == 200
+        for refused in (outside_split, gallery.photos[0].path, SERVER_FILE):
+            assert client.get(f"{server}/gradio_api/file={refused}").status_code in (403, 404), refused
 
 
 def test_uploads_over_the_size_limit_are_refused(server):

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from chan.features import table_for
 from chan.metrics import recall_metrics
 from chan.model import CHAN, ModelConfig
 from chan.region_settings import RegionSettings
-from chan.train import TrainConfig, train
+from chan.train import TrainConfig, _warm_start, train
 from tests.conftest import make_flickr_subset
 
 
@@ -69,6 +70,26 @@ def test_a_warm_start_continues_a_checkpoints_epochs_and_history(trained, small_
     assert read_metadata(out)["info"]["epoch"] == kept + 1
     with pytest.raises(ValueError, match="another model or other regions"):
         train(TrainConfig(data=small_flickr, out=tmp_path / "soft.safetensors", epochs=4, similarity="soft", init=init))
+
+
+def test_a_warm_start_may_tune_more_backbone_blocks(trained, tmp_path, flickr8k):
+    """--tune-from 12 from a checkpoint that tuned blocks 14-15: those go to the end of the longer tail and blocks
+    12-13 start from ImageNet, so before training it scores as the checkpoint does (up to the cache's fp16 maps)."""
+    init, _ = trained
+    data = make_flickr_subset(tmp_path / "data", flickr8k, 1, 10)
+    dataset = open_dataset(data)
+    checkpoint, settings, _ = load_checkpoint(init)
+    earlier = replace(settings, tail_start=12)
+    model = CHAN(replace(checkpoint.config, tail_start=12))
+    _warm_start(model, earlier, init)
+    before, _ = split_scores(checkpoint, dataset.split("dev"), table_for(dataset, settings))
+    after, _ = split_scores(model, dataset.split("dev"), table_for(dataset, earlier))
+    assert not torch.equal(before, after)  # other maps, other blocks: the same scores only up to rounding
+    assert torch.allclose(before, after, atol=2e-3), (before - after).abs().max()
+    with pytest.raises(ValueError, match="only start earlier"):
+        _warm_start(CHAN(replace(checkpoint.config, tail_start=15)), replace(settings, tail_start=15), init)
+    with pytest.raises(ValueError, match="--tune-from 16: efficientnet-lite0 has blocks 0-15"):
+        train(TrainConfig(data=data, out=tmp_path / "late.safetensors", tune_from=16))
 
 
 def test_a_global_term_is_trained_in_and_kept(trained, small_flickr, tmp_path):
