@@ -251,6 +251,14 @@ class CHAN(nn.Module):
         self.config = config
         self.image_encoder = ImageEncoder(config)
         self.text_encoder = BertEncoder(config) if config.text_encoder == "bert" else BiGRUEncoder(config)
+        self.text_runtime = None  # serving only: the text encoder run by ONNX Runtime (`serve_text_with_onnx`)
+
+    def serve_text_with_onnx(self) -> None:
+        """Encode texts with ONNX Runtime from now on (a served BERT-style model on the CPU); training never calls this."""
+        from .runtime import OnnxTextEncoder
+
+        if self.config.text_encoder == "bert" and self.device.type == "cpu" and self.text_runtime is None:
+            self.text_runtime = OnnxTextEncoder(self.text_encoder)
 
     @property
     def device(self) -> torch.device:
@@ -276,7 +284,7 @@ class CHAN(nn.Module):
         ids, mask = ids.to(self.device), mask.to(self.device)
         pooled = self.pooled_mask(ids, mask)
         words = [[w for w, keep in zip(ws, row.tolist()) if keep] for ws, row in zip(words, pooled)]
-        return self.text_encoder(ids, mask), pooled, words
+        return (self.text_runtime or self.text_encoder)(ids, mask), pooled, words
 
     def scores(self, images, image_mask, captions, caption_mask, image_globals: torch.Tensor | None = None) -> torch.Tensor:
         """(N, M) scores: the configured similarity, plus the global term where the model was trained with one

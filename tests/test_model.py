@@ -62,3 +62,25 @@ def test_content_pooling_leaves_out_special_tokens_and_punctuation():
     assert words == [["a", "dog", "running", "fast"]] and int(mask.sum()) == 4
     _, mask_all, words_all = every.encode_texts(text)
     assert words_all[0][0] == "[CLS]" and "," in words_all[0] and int(mask_all.sum()) == len(words_all[0])
+
+
+def test_served_text_encoder_gives_the_pytorch_embeddings(tmp_path):
+    """ONNX Runtime serves the trained text encoder: the same word embeddings, mask and words at any batch and length."""
+    from chan.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from chan.runtime import OnnxTextEncoder
+
+    model = load_checkpoint(DEFAULT_CHECKPOINT)[0].eval()
+    texts = ["a black dog jumps over a log", "two children", "a girl in a pink dress, running down a grassy hill " * 3]
+    with torch.no_grad():
+        torch_out = model.encode_texts(texts)
+        model.text_runtime = OnnxTextEncoder(model.text_encoder, cache_dir=tmp_path)
+        served = model.encode_texts(texts)
+        alone = model.encode_texts(texts[1:2])
+    assert torch.equal(served[1], torch_out[1]) and served[2] == torch_out[2]
+    assert torch.allclose(served[0][served[1]], torch_out[0][torch_out[1]], atol=1e-5)
+    assert torch.allclose(alone[0][0], served[0][1, : alone[0].shape[1]], atol=1e-5)  # padding changes nothing
+    exported = sorted(tmp_path.glob("*.onnx"))
+    assert len(exported) == 1
+    written = exported[0].stat().st_mtime_ns
+    OnnxTextEncoder(model.text_encoder, cache_dir=tmp_path)  # the same weights: the cached file, no new export
+    assert sorted(tmp_path.glob("*.onnx")) == exported and exported[0].stat().st_mtime_ns == written
