@@ -50,6 +50,9 @@ def test_search_inspect_and_rank_in_a_browser(served):
         # side by side: the SCAN twin's top-k for the same query, each photo marked against CHAN's rank
         expect(page.locator("#compare-results img").first).to_be_visible(timeout=60_000)
         expect(page.locator("#compare-status")).to_contain_text("SCAN")
+        # every result photo arrives through the file route (the served folder), none broken
+        page.wait_for_function("() => [...document.querySelectorAll('#results img, #compare-results img')]"
+                               ".every(img => img.complete && img.naturalWidth > 0)", timeout=30_000)
         page.screenshot(path=ARTIFACTS / "search.png", full_page=True)
 
         page.locator("#results img").first.click()
