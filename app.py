@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     index_in_background(gallery, comparisons)  # the page answers meanwhile, on the photos indexed so far
     from app.ui import build_demo, launch
 
-    launch(build_demo(gallery, comparisons), gallery, server_name=args.host, server_port=args.port)
+    launch(build_demo(gallery, comparisons), server_name=args.host, server_port=args.port)
     return 0
 
 

@@ -8,7 +8,6 @@ import gradio as gr
 from chan.gallery import Comparison, Gallery
 
 from .handlers import NO_COMPARISON, Handlers
-from .served_photos import served_photos
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # System fonts only: the page requests nothing from the internet.
@@ -32,13 +31,8 @@ SEARCH_BATCH = 8  # searches scored in one call at most
 SESSIONS_KEPT = 200  # at most this many sessions' state in memory: API calls each open one, and memory stays bounded
 
 
-def launch(demo: gr.Blocks, gallery: Gallery, **kwargs) -> None:
-    """Serve the demo locally: no share link, system fonts; the file route serves the gallery's photos and no other file.
-
-    They are gradio's static paths, a folder holding exactly the gallery's photos (`served_photos`): a result
-    photo is served from there, not hashed and copied into gradio's cache first.
-    """
-    gr.set_static_paths(sorted({str(path.parent) for path in served_photos(gallery).values()}))
+def launch(demo: gr.Blocks, **kwargs) -> None:
+    """Serve the demo locally: no share link, system fonts; the file route serves what `build_demo` made static."""
     demo.launch(share=False, theme=THEME, show_error=False, max_file_size=MAX_UPLOAD,
                 state_session_capacity=SESSIONS_KEPT, **kwargs)
 
@@ -66,6 +60,9 @@ def example_queries() -> list[str]:
 def build_demo(gallery: Gallery, comparisons: list[Comparison] = ()) -> gr.Blocks:
     """The page over `gallery`; `comparisons` (other models on the same photos) can be shown beside its search."""
     h = Handlers(gallery, comparisons=comparisons)
+    # the file route serves the gallery's photos and no other file: gradio's static path is the folder holding
+    # exactly them (`served_photos`), so a result photo is served from there, not hashed and copied into its cache
+    gr.set_static_paths(sorted({str(path.parent) for path in h.served.values()}))
     compare_choices = [NO_COMPARISON, *h.comparisons]
     photo_choices = list(gallery.all_photos)
     with gr.Blocks(title="CHAN demo", analytics_enabled=False, delete_cache=(UPLOADS_KEPT_S // 3, UPLOADS_KEPT_S)) as demo:

@@ -4,9 +4,9 @@ python benchmarks/qdrant.py [--checkpoint C] [--photos 2000,10000] [--queries 30
 Real region embeddings of Flickr8k photos (the checkpoint, default the app's, over the cached features of
 every photo; a model with a global term is queried with it, as the app does); sizes past the dataset's
 8,091 photos are filled with copies of its photos whose region order is shuffled (a copy scores like
-its original: this measures time, not accuracy). Queries are dev captions. Per size: push time (batches of 64 upserts), median query time of the torch index,
-of Qdrant's exact MaxSim and of the two-stage query (prefetch by the global vector, MaxSim
-rerank), and recall@10 of each Qdrant query against the torch index's exact top 10. These are
+its original: this measures time, not accuracy). Queries are dev captions. Per size: push time (batches
+of 64 upserts), median query time of the torch index, of Qdrant's exact MaxSim and of the two-stage query
+(prefetch by the global vector, MaxSim rerank), and recall@10 of each Qdrant query against the torch index's exact top 10. These are
 qdrant-client local-mode figures (pure Python, one process): a Qdrant server computes the same
 scores in Rust, and was not run here.
 """

@@ -47,7 +47,8 @@ class OnnxModule:
 
         examples = example if isinstance(example, tuple) else (example,)
         self.names = ["input"] if len(examples) == 1 else [f"input{i}" for i in range(len(examples))]
-        self.fixed = [tuple(x.shape[2 if dynamic_length else 1:]) for x in examples]
+        self.skip = 2 if dynamic_length else 1  # the leading axes that may vary
+        self.fixed = [tuple(x.shape[self.skip:]) for x in examples]
         shapes = "|".join(str(shape) for shape in self.fixed)
         key = hashlib.sha1(f"{_weights_digest(module)}|{shapes}|{torch.__version__}|"
                            f"{onnxruntime.__version__}".encode()).hexdigest()[:16]
@@ -72,7 +73,6 @@ class OnnxModule:
         # no busy-waiting between calls: in the demo, searches share these cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.skip = 2 if dynamic_length else 1
 
     def __call__(self, *xs: torch.Tensor) -> list[torch.Tensor]:
         if [tuple(x.shape[self.skip:]) for x in xs] != self.fixed:

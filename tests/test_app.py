@@ -164,7 +164,7 @@ def test_api_endpoints_through_gradio_client(gallery, tmp_path):
     from app.ui import build_demo, launch
 
     demo = build_demo(gallery)
-    launch(demo, gallery, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         client = Client(demo.local_url, verbose=False)
         gallery_out, status = client.predict("a man on a bike", 4, api_name="/search_images")

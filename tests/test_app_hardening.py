@@ -13,7 +13,7 @@ def server(gallery):
     from app.ui import build_demo, launch
 
     demo = build_demo(gallery)
-    launch(demo, gallery, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     yield demo.local_url.rstrip("/")
     demo.close()
 

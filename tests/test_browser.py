@@ -23,7 +23,7 @@ def served(gallery):
     from chan.gallery import Comparison, Gallery
 
     demo = build_demo(gallery, [Comparison.loaded(Gallery(DEFAULT_COMPARISON, gallery.dataset, progress=False))])
-    launch(demo, gallery, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     yield demo.local_url, gallery
     demo.close()
 
