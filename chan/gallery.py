@@ -68,7 +68,7 @@ class Gallery:
         self.model, self.settings, self.info = load_checkpoint(checkpoint)
         self.device = torch.device(device)
         self.model.to(self.device)
-        self.model.serve_text_with_onnx()  # on the CPU: queries and captions encoded by ONNX Runtime
+        self.model.serve_with_onnx()  # on the CPU: queries and captions encoded, and photos scored, by ONNX Runtime
         self.checkpoint = Path(checkpoint)
         self.name = self.checkpoint.name.removesuffix(".safetensors")
         self.dataset = dataset

@@ -79,7 +79,8 @@ class GalleryIndex:
         M = len(self.caption_lengths)
         image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
         if model.config.similarity == "hard" and model.config.pooling == "mean":
-            best = best_region_cosines(image.to(self.caption_words.dtype), image_mask, self.caption_words)[:, 0].float()
+            best = best_region_cosines(image.to(self.caption_words.dtype), image_mask, self.caption_words,
+                                       runtime=model.cosine_runtime)[:, 0].float()
             sums = torch.zeros(M, device=best.device).index_add_(0, self.word_caption, best)
             scores = sums / self.caption_lengths.clamp(min=1)
             if model.config.global_weight:  # the global term, as model.scores adds it

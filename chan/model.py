@@ -18,7 +18,7 @@ from torch import nn
 
 from .backbone import BACKBONE_CHANNELS, BackboneTail, load_backbone, pool_regions
 from .device import bf16_pays
-from .similarity import SCORERS, global_vectors
+from .similarity import SCORERS, global_vectors, hard_scores
 
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"]
 # tokens that stand for no word of a caption, BERT's and the BiGRU's ([UNK] and <unk> do stand for one)
@@ -251,14 +251,21 @@ class CHAN(nn.Module):
         self.config = config
         self.image_encoder = ImageEncoder(config)
         self.text_encoder = BertEncoder(config) if config.text_encoder == "bert" else BiGRUEncoder(config)
-        self.text_runtime = None  # serving only: the text encoder run by ONNX Runtime (`serve_text_with_onnx`)
+        # serving only (`serve_with_onnx`): the text encoder and the hard assignment's products by ONNX Runtime
+        self.text_runtime = None
+        self.cosine_runtime = None
 
-    def serve_text_with_onnx(self) -> None:
-        """Encode texts with ONNX Runtime from now on (a served BERT-style model on the CPU); training never calls this."""
-        from .runtime import OnnxTextEncoder
+    def serve_with_onnx(self) -> None:
+        """On the CPU, from now on: encode texts (a BERT-style encoder) and score hard alignment with ONNX Runtime.
+        For a served model only; training and evaluation never call this."""
+        from .runtime import OnnxRegionCosines, OnnxTextEncoder
 
-        if self.config.text_encoder == "bert" and self.device.type == "cpu" and self.text_runtime is None:
+        if self.device.type != "cpu":
+            return
+        if self.config.text_encoder == "bert" and self.text_runtime is None:
             self.text_runtime = OnnxTextEncoder(self.text_encoder)
+        if self.config.similarity == "hard" and self.cosine_runtime is None:
+            self.cosine_runtime = OnnxRegionCosines(self.config.embed_dim)
 
     @property
     def device(self) -> torch.device:
@@ -290,7 +297,10 @@ class CHAN(nn.Module):
         """(N, M) scores: the configured similarity, plus the global term where the model was trained with one
         (`image_globals`: the photos' global vectors, where the caller keeps them; else computed here)."""
         c = self.config
-        scores = SCORERS[c.similarity](images, image_mask, captions, caption_mask, c.pooling)
+        if c.similarity == "hard":
+            scores = hard_scores(images, image_mask, captions, caption_mask, c.pooling, runtime=self.cosine_runtime)
+        else:
+            scores = SCORERS[c.similarity](images, image_mask, captions, caption_mask, c.pooling)
         if c.global_weight:
             if image_globals is None:
                 image_globals = global_vectors(images, image_mask)

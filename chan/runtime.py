@@ -1,5 +1,5 @@
-"""Frozen networks run by ONNX Runtime on the CPU: the extraction networks (detector, backbone), and a trained
-text encoder where the demo serves queries.
+"""Frozen networks run by ONNX Runtime on the CPU: the extraction networks (detector, backbone), and, where the
+demo serves queries, a trained text encoder and the hard assignment's product of words and regions.
 
 On this project's CPUs, ONNX Runtime runs YOLOv3-tiny about 2x and the EfficientNet-Lite trunk
 about 4x faster than eager PyTorch (depthwise convolutions above all), with the same outputs up
@@ -111,3 +111,48 @@ class OnnxTextEncoder:
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.session(ids, mask)[0]
+
+
+class OnnxRegionCosines:
+    """`chan.similarity.best_region_cosines` for one block of float32 images, by ONNX Runtime: each word's highest
+    cosine over each image's valid regions, (W, n). Serving only (no autograd). A query has a few words, and
+    for such thin products ONNX Runtime's matrix product is 2-3x faster than torch's on this project's AVX2
+    CPUs (10 words against 1,000 photos of 36 regions: 9 ms against 29 ms on two threads); the same values up
+    to float rounding. The graph is small and built here, not exported."""
+
+    def __init__(self, dim: int, threads: int | None = None):
+        import onnx
+        import onnxruntime
+        from onnx import TensorProto, helper
+
+        from .similarity import NEG
+
+        def tensor(name, shape):
+            return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+        nodes = [helper.make_node("Transpose", ["words"], ["columns"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["regions", "columns"], ["cosines"]),  # (n, K, W)
+                 helper.make_node("Add", ["cosines", "penalty"], ["allowed"]),  # NEG on padded regions
+                 helper.make_node("ReduceMax", ["allowed"], ["best"], axes=[1], keepdims=0),
+                 helper.make_node("Transpose", ["best"], ["out"], perm=[1, 0])]
+        graph = helper.make_graph(nodes, "best_region_cosines",
+                                  [tensor("regions", ["n", "K", dim]), tensor("words", ["W", dim]),
+                                   tensor("penalty", ["n", "K", 1])], [tensor("out", ["W", "n"])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        onnx.checker.check_model(model)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.neg = NEG
+
+    def __call__(self, images: torch.Tensor, image_mask: torch.Tensor | None, words: torch.Tensor) -> torch.Tensor:
+        """images (n, K, D), their mask (n, K) or None where every region is valid, words (W, D) -> (W, n)."""
+        penalty = (torch.zeros(images.shape[:2]) if image_mask is None
+                   else (~image_mask.bool()).float() * self.neg)[..., None]
+        feed = {"regions": np.ascontiguousarray(images.detach().numpy(), dtype=np.float32),
+                "words": np.ascontiguousarray(words.detach().numpy(), dtype=np.float32),
+                "penalty": penalty.numpy()}
+        return torch.from_numpy(self.session.run(None, feed)[0])

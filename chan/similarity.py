@@ -75,12 +75,13 @@ def _by_caption(captions, caption_mask, chunk: int, score_chunk) -> torch.Tensor
 
 
 def best_region_cosines(images: torch.Tensor, image_mask: torch.Tensor, words: torch.Tensor,
-                        block_elements: int = 1 << 19) -> torch.Tensor:
+                        block_elements: int = 1 << 19, runtime=None) -> torch.Tensor:
     """(W, N): each word's highest cosine over each image's valid regions (the hard assignment).
 
     Images are taken a block at a time, so each block of cosines is reduced while it is still in
     cache (a fused matmul + max); masking is skipped when every region is valid. Computed in the
     images' dtype (a bfloat16 gallery halves memory and is faster where the CPU has bf16 units).
+    `runtime` (serving only: `chan.runtime.OnnxRegionCosines`) computes float32 blocks without autograd.
     """
     N, K, D = images.shape
     W = words.shape[0]
@@ -90,19 +91,25 @@ def best_region_cosines(images: torch.Tensor, image_mask: torch.Tensor, words: t
     blocks = []
     for start in range(0, N, per_block):
         stop = min(N, start + per_block)
+        block_mask = image_mask[start:stop].bool() if masked else None
+        if runtime is not None and images.dtype == torch.float32 and images.device.type == "cpu":
+            blocks.append(runtime(images[start:stop], block_mask, words))
+            continue
         sims = (words @ images[start:stop].reshape(-1, D).T).view(W, stop - start, K)
         if masked:
-            sims = sims.masked_fill(~image_mask[start:stop].bool().view(1, stop - start, K), NEG)
+            sims = sims.masked_fill(~block_mask.view(1, stop - start, K), NEG)
         blocks.append(sims.amax(-1))
     return torch.cat(blocks, 1)
 
 
-def hard_scores(images, image_mask, captions, caption_mask, pooling: str = "mean", chunk: int = 128) -> torch.Tensor:
-    """CHAN hard-assignment scores (N, M), float32; captions are processed `chunk` at a time to bound memory."""
+def hard_scores(images, image_mask, captions, caption_mask, pooling: str = "mean", chunk: int = 128,
+                runtime=None) -> torch.Tensor:
+    """CHAN hard-assignment scores (N, M), float32; captions are processed `chunk` at a time to bound memory
+    (`runtime`: see `best_region_cosines`)."""
 
     def score_chunk(caps, cmask):
         m, L, D = caps.shape
-        best = best_region_cosines(images, image_mask, caps.reshape(m * L, D)).float().view(m, L, -1)
+        best = best_region_cosines(images, image_mask, caps.reshape(m * L, D), runtime=runtime).float().view(m, L, -1)
         return pool_words(best.transpose(1, 2), cmask[:, None, :], pooling)  # (m, N)
 
     return _by_caption(captions, caption_mask, chunk, score_chunk)
