@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .similarity import NEG
 from .store import CACHE_DIR
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,6 @@ class OnnxRegionCosines:
         import onnxruntime
         from onnx import TensorProto, helper
 
-        from .similarity import NEG
-
         def tensor(name, shape):
             return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
@@ -146,12 +145,11 @@ class OnnxRegionCosines:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(model.SerializeToString(), options,
                                                     providers=["CPUExecutionProvider"])
-        self.neg = NEG
 
     def __call__(self, images: torch.Tensor, image_mask: torch.Tensor | None, words: torch.Tensor) -> torch.Tensor:
         """images (n, K, D), their mask (n, K) or None where every region is valid, words (W, D) -> (W, n)."""
         penalty = (torch.zeros(images.shape[:2]) if image_mask is None
-                   else (~image_mask.bool()).float() * self.neg)[..., None]
+                   else (~image_mask.bool()).float() * NEG)[..., None]
         feed = {"regions": np.ascontiguousarray(images.detach().numpy(), dtype=np.float32),
                 "words": np.ascontiguousarray(words.detach().numpy(), dtype=np.float32),
                 "penalty": penalty.numpy()}
