@@ -35,6 +35,18 @@ def _weights_digest(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def cpu_session(model: str | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session of a model file or serialised model: `threads` (default torch's) in one operator
+    at a time, and no busy-waiting between calls (in the demo, searches share these cores)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 class OnnxModule:
     """A frozen torch module, exported to ONNX and run by ONNX Runtime; called with and returning torch tensors.
 
@@ -68,12 +80,7 @@ class OnnxModule:
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes exporting at once never share it
             tmp.write_bytes(buffer.getvalue())
             tmp.replace(path)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        # no busy-waiting between calls: in the demo, searches share these cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(str(path), threads)
 
     def __call__(self, *xs: torch.Tensor) -> list[torch.Tensor]:
         if [tuple(x.shape[self.skip:]) for x in xs] != self.fixed:
@@ -123,7 +130,6 @@ class OnnxRegionCosines:
 
     def __init__(self, dim: int, threads: int | None = None):
         import onnx
-        import onnxruntime
         from onnx import TensorProto, helper
 
         def tensor(name, shape):
@@ -139,12 +145,7 @@ class OnnxRegionCosines:
                                    tensor("penalty", ["n", "K", 1])], [tensor("out", ["W", "n"])])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
         onnx.checker.check_model(model)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = cpu_session(model.SerializeToString(), threads)
 
     def __call__(self, images: torch.Tensor, image_mask: torch.Tensor | None, words: torch.Tensor) -> torch.Tensor:
         """images (n, K, D), their mask (n, K) or None where every region is valid, words (W, D) -> (W, n)."""

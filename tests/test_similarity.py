@@ -115,43 +115,27 @@ def test_align_one_pair(pooling):
     torch.testing.assert_close(torch.from_numpy(a.soft_attention).sum(1), torch.ones(len(words)))
 
 
+@pytest.mark.parametrize("served", [False, True])
 @pytest.mark.parametrize("padded", [True, False])
-def test_blocked_hard_scores_match_across_block_boundaries_and_in_bf16(padded):
+def test_blocked_hard_scores_match_across_block_boundaries_and_in_bf16(padded, served):
+    """Blocked products equal one block and the naive loop, by torch and by the served runtime (ONNX Runtime)."""
+    from chan.runtime import OnnxRegionCosines
     from chan.similarity import best_region_cosines
 
     images, image_mask, captions, caption_mask = _random_batch(seed=3, N=11)
     if not padded:
         image_mask[:] = True
         images = F.normalize(images, dim=-1)
+    runtime = OnnxRegionCosines(images.shape[-1]) if served else None
     words = captions[caption_mask]
-    whole = best_region_cosines(images, image_mask, words, block_elements=1 << 30)  # one block
-    for block in (1, 60, 200):  # one photo per block, then uneven blocks
-        torch.testing.assert_close(best_region_cosines(images, image_mask, words, block_elements=block), whole)
+    whole = best_region_cosines(images, image_mask, words, block_elements=1 << 30)  # one block, by torch
+    for block in (1, 60, 200, 1 << 30):  # one photo per block, then uneven blocks, then one
+        blocked = best_region_cosines(images, image_mask, words, block_elements=block, runtime=runtime)
+        torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=1e-6)
     naive = _naive_hard(images, image_mask, captions, caption_mask, "mean")
-    torch.testing.assert_close(hard_scores(images, image_mask, captions, caption_mask), naive, atol=1e-5, rtol=1e-5)
-    bf16 = hard_scores(images.bfloat16(), image_mask, captions, caption_mask)
-    assert bf16.dtype == torch.float32 and (bf16 - naive).abs().max() < 2e-2
-
-
-@pytest.mark.parametrize("padded", [True, False])
-def test_served_hard_scores_by_onnx_runtime_match_the_naive_loop(padded):
-    """The served products (ONNX Runtime) give each word's best valid region as torch does, in any blocks."""
-    from chan.runtime import OnnxRegionCosines
-    from chan.similarity import best_region_cosines
-
-    images, image_mask, captions, caption_mask = _random_batch(seed=4, N=11)
-    if not padded:
-        image_mask[:] = True
-        images = F.normalize(images, dim=-1)
-    runtime = OnnxRegionCosines(images.shape[-1])
-    words = captions[caption_mask]
-    expected = best_region_cosines(images, image_mask, words)
-    for block in (1, 60, 1 << 30):
-        served = best_region_cosines(images, image_mask, words, block_elements=block, runtime=runtime)
-        torch.testing.assert_close(served, expected, atol=1e-6, rtol=1e-6)
-    naive = _naive_hard(images, image_mask, captions, caption_mask, "mean")
-    served = hard_scores(images, image_mask, captions, caption_mask, runtime=runtime)
-    torch.testing.assert_close(served, naive, atol=1e-5, rtol=1e-5)
-    # a bfloat16 gallery is scored by torch, the runtime left aside
+    scores = hard_scores(images, image_mask, captions, caption_mask, runtime=runtime)
+    torch.testing.assert_close(scores, naive, atol=1e-5, rtol=1e-5)
     bf16 = hard_scores(images.bfloat16(), image_mask, captions, caption_mask, runtime=runtime)
+    assert bf16.dtype == torch.float32 and (bf16 - naive).abs().max() < 2e-2
+    # a bfloat16 gallery is scored by torch, the runtime left aside
     assert torch.equal(bf16, hard_scores(images.bfloat16(), image_mask, captions, caption_mask))
