@@ -203,6 +203,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -212,6 +213,8 @@ def _plot_curves(history: list[dict], path: Path) -> None:
         b.plot(epochs, [h[key] for h in history], "o-", label=key)
     b.set(xlabel="epoch", ylabel="recall (%)", title="dev R@K")
     b.legend(fontsize=7, ncol=2)
+    for axis in (a, b):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
