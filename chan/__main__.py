@@ -123,19 +123,25 @@ def evaluate_command(checkpoints: list[Path] | None, data: Path, split: str | No
 def table_command(rows: list[str], data: Path, split: str | None) -> str:
     """A markdown accuracy table, one row per checkpoint (its file name and model description).
 
-    A row written `a.safetensors+b.safetensors` scores the mean of those checkpoints (an ensemble).
+    A row written `a.safetensors+b.safetensors` scores the mean of those checkpoints (an ensemble). Each
+    checkpoint is scored once, however many rows name it.
     """
     from .checkpoint import read_metadata
-    from .evaluate import ensemble_scores, open_split
+    from .evaluate import checkpoint_scores, open_split
     from .metrics import recall_metrics
 
     dataset, split = open_split(data, split)
+    scored: dict[Path, tuple] = {}
     lines = ["| model | similarity | text | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         paths = [Path(p) for p in row.split("+")]
         configs = [read_metadata(p)["config"] for p in paths]
-        m = recall_metrics(*ensemble_scores(paths, dataset))
+        for path in paths:
+            if path.resolve() not in scored:
+                scored[path.resolve()] = checkpoint_scores(path, dataset)
+        runs = [scored[path.resolve()] for path in paths]
+        m = recall_metrics(sum(s for s, _ in runs) / len(runs), runs[0][1])
         cells = [m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
         similarity = " + ".join(f"{c['similarity']} ({c['pooling']})" for c in configs)
         lines.append(f"| {' + '.join(p.stem for p in paths)} | {similarity} | {' + '.join(c['text_encoder'] for c in configs)} | "

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from app.handlers import Handlers, rank_change
-from chan.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_COMPARISON
+from chan.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_COMPARISON, read_metadata
 from chan.data import open_dataset
 from chan.gallery import INDEX_CHUNK, Comparison, Gallery, QueryError, index_in_background
 from chan.photos import PhotoError
@@ -65,6 +65,14 @@ def test_rank_change_marks():
     assert rank_change(2, 5, "CHAN", 12) == "▲3 (CHAN #5)"
     assert rank_change(6, 1, "CHAN", 12) == "▼5 (CHAN #1)"
     assert rank_change(3, None, "CHAN", 12) == "not in CHAN's top 12"
+
+
+def test_the_default_comparison_is_the_default_checkpoints_scan_twin():
+    """Trained the same way but for the similarity, on the same region settings: one extraction serves both."""
+    main, twin = read_metadata(DEFAULT_CHECKPOINT), read_metadata(DEFAULT_COMPARISON)
+    assert twin["regions"] == main["regions"]
+    differing = {k for k in main["config"].keys() | twin["config"].keys() if main["config"].get(k) != twin["config"].get(k)}
+    assert differing == {"similarity"} and twin["config"]["similarity"] == "soft"
 
 
 def test_a_second_model_is_compared_side_by_side(gallery):
