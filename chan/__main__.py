@@ -126,22 +126,20 @@ def table_command(rows: list[str], data: Path, split: str | None) -> str:
     A row written `a.safetensors+b.safetensors` scores the mean of those checkpoints (an ensemble). Each
     checkpoint is scored once, however many rows name it.
     """
+    from functools import cache
+
     from .checkpoint import read_metadata
-    from .evaluate import checkpoint_scores, open_split
+    from .evaluate import checkpoint_scores, mean_scores, open_split
     from .metrics import recall_metrics
 
     dataset, split = open_split(data, split)
-    scored: dict[Path, tuple] = {}
+    scores_of = cache(lambda resolved: checkpoint_scores(resolved, dataset))
     lines = ["| model | similarity | text | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         paths = [Path(p) for p in row.split("+")]
         configs = [read_metadata(p)["config"] for p in paths]
-        for path in paths:
-            if path.resolve() not in scored:
-                scored[path.resolve()] = checkpoint_scores(path, dataset)
-        runs = [scored[path.resolve()] for path in paths]
-        m = recall_metrics(sum(s for s, _ in runs) / len(runs), runs[0][1])
+        m = recall_metrics(*mean_scores([scores_of(p.resolve()) for p in paths]))
         cells = [m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
         similarity = " + ".join(f"{c['similarity']} ({c['pooling']})" for c in configs)
         lines.append(f"| {' + '.join(p.stem for p in paths)} | {similarity} | {' + '.join(c['text_encoder'] for c in configs)} | "

@@ -72,5 +72,9 @@ def checkpoint_scores(checkpoint: Path, dataset: Dataset, similarity: str | None
 def ensemble_scores(checkpoints: list[Path], dataset: Dataset, similarity: str | None = None,
                     device: torch.device | str = "cpu", global_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean score of several checkpoints (the authors' eval_ensemble), and each caption's photo index."""
-    runs = [checkpoint_scores(c, dataset, similarity, device, global_weight) for c in checkpoints]
+    return mean_scores([checkpoint_scores(c, dataset, similarity, device, global_weight) for c in checkpoints])
+
+
+def mean_scores(runs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, owner) of several checkpoints on the same split -> their mean score, and the shared owner."""
     return sum(s for s, _ in runs) / len(runs), runs[0][1]
