@@ -15,6 +15,29 @@ from .distributed import join
 from .similarity import POOLINGS, SCORERS
 
 
+def detector_sizes(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated detector input sizes, each a positive multiple of 32."""
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes in pixels separated by commas, e.g. 288,416") from None
+    if not sizes or any(s <= 0 or s % 32 for s in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: each size a positive multiple of 32 (the detector's stride)")
+    return sizes
+
+
+def add_detector_options(p: argparse.ArgumentParser) -> None:
+    """The objectness proposals' detector passes (ignored by the legacy regions)."""
+    from .region_settings import RegionSettings
+
+    p.add_argument("--detector-sizing", choices=["fixed", "photo"], default=RegionSettings.detector_sizing,
+                   help="fixed: a detector pass at every --detector-sizes; photo: one pass at the photo's short side "
+                        "(down to a multiple of 32) within their range: faster, other proposals (default: %(default)s)")
+    p.add_argument("--detector-sizes", type=detector_sizes, default=RegionSettings.detector_sizes, metavar="S,S",
+                   help="detector input sizes, or the range of one chosen from the photo (default: "
+                        f"{','.join(map(str, RegionSettings.detector_sizes))})")
+
+
 def _cmd_info(args: argparse.Namespace) -> None:
     from .data import open_dataset
 
@@ -27,8 +50,9 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     from .region_settings import LEGACY, RegionSettings
 
     dataset = open_dataset(args.data).split(args.split)
-    legacy = LEGACY if args.proposals == "legacy" else {}
-    settings = RegionSettings(**{**legacy, "num_regions": args.regions, "backbone": args.backbone, "image_size": args.image_size})
+    legacy = {**LEGACY, "detector_sizing": "fixed"} if args.proposals == "legacy" else {}  # one pass at 416 px
+    settings = RegionSettings(**{"detector_sizing": args.detector_sizing, "detector_sizes": args.detector_sizes, **legacy,
+                                 "num_regions": args.regions, "backbone": args.backbone, "image_size": args.image_size})
     world, device = join(args.device)  # one process, or one of torchrun's
     if args.ray and world.size > 1:
         raise ValueError("--ray runs the extraction on a Ray cluster: start it once, not under torchrun")
@@ -172,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "legacy: the whole photo, up to 20 confident detections and grid cells (default: %(default)s)")
     p.add_argument("--backbone", default="efficientnet-lite0", choices=["efficientnet-lite0", "efficientnet-lite2"])
     p.add_argument("--image-size", type=int, default=320, help="backbone input side in pixels (default: %(default)s)")
+    add_detector_options(p)
     p.add_argument("--batch-size", type=int, default=4, help="photos per batch (default: %(default)s)")
     add_device_option(p)
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
@@ -237,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-from", type=int, default=d.tune_from, metavar="BLOCK",
                    help="with --tune-backbone, the first tuned backbone block; the cache keeps its input map, so "
                         "another block means another feature cache (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help="with proposals, the backbone's input side in pixels (default: %(default)s)")
+    add_detector_options(p)
     p.add_argument("--pooled-tokens", choices=["content", "all"], default=d.pooled_tokens,
                    help="content: special tokens and punctuation never align or pool; all: every token (default: %(default)s)")
     p.add_argument("--global-weight", type=float, default=d.global_weight, metavar="W",

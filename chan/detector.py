@@ -7,6 +7,7 @@ never imported (importing it imports cv2).
 from __future__ import annotations
 
 import importlib.util
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -145,18 +146,26 @@ class YoloV3Tiny(nn.Module):
         self.net.eval()
         self.class_names = [n.strip() for n in (folder / "coco.names").read_text().splitlines() if n.strip()]
         self.conf, self.iou = conf, iou
-        self.sessions: dict = {}  # input size -> an ONNX Runtime session of `net` (see `use_onnx_runtime`)
+        self.sessions: dict = {}  # input size -> an ONNX Runtime session of `net`, or None until used (`use_onnx_runtime`)
+        self._sessions_lock = threading.Lock()
 
     def use_onnx_runtime(self, sizes) -> "YoloV3Tiny":
-        """Run the network by ONNX Runtime at these input sizes (others stay with torch)."""
-        from .runtime import OnnxModule
-
-        self.sessions = {s: OnnxModule(self.net, torch.zeros(1, 3, s, s), f"yolov3-tiny-{s}") for s in sizes}
+        """Run the network by ONNX Runtime at these input sizes (others stay with torch); each size's session is
+        made at its first use, so sizes no photo needs cost nothing."""
+        self.sessions = dict.fromkeys(sizes)
         return self
 
+    def _session(self, size: int):
+        from .runtime import OnnxModule
+
+        with self._sessions_lock:  # photos of one size may arrive from several threads at once
+            if self.sessions[size] is None:
+                self.sessions[size] = OnnxModule(self.net, torch.zeros(1, 3, size, size), f"yolov3-tiny-{size}")
+            return self.sessions[size]
+
     def _raw(self, images: torch.Tensor) -> torch.Tensor:
-        session = self.sessions.get(images.shape[-1])
-        return session(images)[0] if session else self.net(images)
+        size = images.shape[-1]
+        return self._session(size)(images)[0] if size in self.sessions else self.net(images)
 
     @property
     def input_size(self) -> int:

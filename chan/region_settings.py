@@ -29,13 +29,43 @@ class RegionSettings:
     min_objectness: float = 0.001  # low: up to K distinct boxes, as bottom-up attention keeps
     min_box_area: float = 0.01  # fraction of the photo: smaller boxes are below the map's resolution
     tail_start: int = 14  # backbone block whose input map is cached for tuning; 0: none kept
+    # fixed: a detector pass at every size in detector_sizes; photo: one pass at the photo's short side (down to a
+    # multiple of 32) within their range, so that a small photo is not upsampled past the smallest size
+    detector_sizing: str = "fixed"
+
+    def __post_init__(self):
+        if self.detector_sizing not in ("fixed", "photo"):
+            raise ValueError(f"detector_sizing {self.detector_sizing!r}: 'fixed' or 'photo'")
+        if not self.detector_sizes or any(s <= 0 or s % 32 for s in self.detector_sizes):
+            raise ValueError(f"detector_sizes {self.detector_sizes}: positive multiples of 32 (the detector's stride)")
 
     @property
     def feature_dim(self) -> int:
         return BACKBONE_CHANNELS + GEOMETRY_DIMS
 
+    def detector_passes(self, width: int, height: int) -> tuple[int, ...]:
+        """The detector's input sizes for a photo of this many pixels."""
+        if self.detector_sizing == "fixed":
+            return self.detector_sizes
+        low, high = min(self.detector_sizes), max(self.detector_sizes)
+        return (min(high, max(low, min(width, height) // 32 * 32)),)
+
+    def all_detector_sizes(self) -> tuple[int, ...]:
+        """Every input size the detector may run at under these settings."""
+        if self.detector_sizing == "fixed":
+            return self.detector_sizes
+        return tuple(range(min(self.detector_sizes), max(self.detector_sizes) + 1, 32))
+
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        values = asdict(self)
+        for name, default in ADDED_LATER.items():  # keys written before these fields existed stay as they were
+            if values[name] == default:
+                del values[name]
+        return json.dumps(values, sort_keys=True)
+
+
+# Fields added after caches and checkpoints were written: left out of a key while they hold these values.
+ADDED_LATER = {"detector_sizing": "fixed"}
 
 
 # Values of the first settings, for keys written before these fields existed.

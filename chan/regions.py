@@ -1,6 +1,7 @@
 """Region features for any photo: detector proposals (+ grid cells), RoIAlign over an EfficientNet-Lite map.
 
-Each photo gives K regions. Default: YOLOv3-tiny boxes at several input sizes, ranked by
+Each photo gives K regions. Default: YOLOv3-tiny boxes at several input sizes (or at one chosen from the
+photo's size), ranked by
 objectness, class-agnostic NMS, up to K distinct boxes, grid cells (2x2, 3x3, ...) only to fill
 what is left; no whole-photo region. The first settings (`LEGACY`) put the whole photo first and
 took up to 20 confident COCO detections. A region's feature is the RoIAlign-pooled backbone map
@@ -122,7 +123,7 @@ class RegionExtractor:
         self.split = settings.tail_start or len(self.backbone._blocks)
         self.features = _FeatureNet(self.backbone, self.split).eval()
         if runtime == "onnx":
-            sizes = [self.detector.input_size] if settings.proposals == "detections" else settings.detector_sizes
+            sizes = [self.detector.input_size] if settings.proposals == "detections" else settings.all_detector_sizes()
             self.detector.use_onnx_runtime(sizes)
             example = torch.zeros(1, 3, settings.image_size, settings.image_size)
             self.features = OnnxModule(self.features, example, f"{settings.backbone}-{settings.image_size}-{self.split}")
@@ -152,13 +153,20 @@ class RegionExtractor:
             with self._stage("detector"):  # its confidence threshold and NMS included
                 return [(b.cpu() / self.detector.input_size, sc.cpu(), c.cpu())
                         for b, sc, c in self.detector(det_in, max_det=limit)]
-        with self._stage("resize"):
-            inputs = [torch.stack([self._tensor(p, size) for p in photos]).to(self.device) for size in s.detector_sizes]
-        with self._stage("detector"):
-            per_size = [self.detector.proposals(x, s.min_objectness) for x in inputs]
+        groups: dict[tuple[int, ...], list[int]] = {}  # detector input sizes -> the photos that take them
+        for i, photo in enumerate(photos):
+            groups.setdefault(s.detector_passes(*photo.size), []).append(i)
+        per_photo: list = [None] * len(photos)
+        for sizes, members in groups.items():
+            with self._stage("resize"):
+                inputs = [torch.stack([self._tensor(photos[i], size) for i in members]).to(self.device) for size in sizes]
+            with self._stage("detector"):
+                per_size = [self.detector.proposals(x, s.min_objectness) for x in inputs]
+            for i, found in zip(members, zip(*per_size)):
+                per_photo[i] = found
         out = []
         with self._stage("nms"):
-            for found in zip(*per_size):
+            for found in per_photo:
                 boxes, objectness, classes, class_prob = (torch.cat(parts) for parts in zip(*found))
                 area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
                 keep = torch.nonzero(area >= s.min_box_area).flatten()

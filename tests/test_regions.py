@@ -72,7 +72,7 @@ def test_onnx_runtime_gives_the_regions_of_eager_torch(extractor, test_split, ca
         np.testing.assert_allclose(r.features, ref.features, atol=1e-3)
         np.testing.assert_allclose(r.stage_map.astype(np.float32), ref.stage_map.astype(np.float32), atol=0.05, rtol=1e-2)
     caplog.set_level("INFO")
-    RegionExtractor()
+    RegionExtractor()(photos[:1])  # each detector size's session is made at its first use
     assert "exporting" not in caplog.text
     with pytest.raises(ValueError, match="unknown runtime"):
         RegionExtractor(runtime="tensorrt")
@@ -92,6 +92,40 @@ def test_settings_keys_written_before_the_proposals_read_as_legacy():
     assert settings_from_key(json.dumps(old)) == LEGACY_SETTINGS
     assert settings_from_key(RegionSettings().key()) == RegionSettings()
     assert settings_from_key(LEGACY_SETTINGS.key()) == LEGACY_SETTINGS
+
+
+def test_detector_size_from_the_photo_stays_within_the_range():
+    fixed, photo = RegionSettings(), RegionSettings(detector_sizing="photo", detector_sizes=(224, 416))
+    assert fixed.detector_passes(224, 224) == fixed.detector_passes(2000, 1500) == (288, 416)
+    assert photo.detector_passes(224, 224) == (224,)
+    assert photo.detector_passes(500, 375) == (352,)  # the short side, down to the detector's stride
+    assert photo.detector_passes(100, 60) == (224,) and photo.detector_passes(3000, 2000) == (416,)
+    assert photo.all_detector_sizes() == (224, 256, 288, 320, 352, 384, 416)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        RegionSettings(detector_sizes=(300,))
+    with pytest.raises(ValueError, match="'fixed' or 'photo'"):
+        RegionSettings(detector_sizing="auto")
+
+
+def test_keys_of_settings_made_before_detector_sizing_are_unchanged():
+    """Caches and checkpoints keyed before the field existed keep their key; the new choice gets a key of its own."""
+    assert "detector_sizing" not in RegionSettings().key()
+    assert json.loads(RegionSettings().key()) == json.loads(RegionSettings(detector_sizing="fixed").key())
+    photo = RegionSettings(detector_sizing="photo", detector_sizes=(224, 416))
+    assert json.loads(photo.key())["detector_sizing"] == "photo" and settings_from_key(photo.key()) == photo
+
+
+def test_photos_of_other_sizes_in_one_batch_get_their_own_detector_pass(test_split):
+    """With the detector size chosen per photo, a batch mixing sizes gives each photo the regions it gets alone."""
+    extractor = RegionExtractor(RegionSettings(detector_sizing="photo", detector_sizes=(224, 416)))
+    small = load_photo(test_split.photos[0].path)  # Flickr8k's photos here are 224 x 224
+    big = small.resize((500, 375))
+    together = extractor([big, small])
+    for photo, r in zip([big, small], together):
+        alone = extractor([photo])[0]
+        np.testing.assert_allclose(r.boxes, alone.boxes, atol=1e-3)
+        np.testing.assert_allclose(r.features, alone.features, atol=1e-4)
+    assert sorted(size for size, session in extractor.detector.sessions.items() if session is not None) == [224, 352]
 
 
 def test_pool_regions_maps_photo_fractions_onto_the_map():
