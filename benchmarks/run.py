@@ -1,6 +1,6 @@
 """CHAN efficiency benchmarks: hard alignment vs soft attention, vs a plain matmul, at scale, end to end.
 
-python benchmarks/run.py [--quick] [--json benchmarks/results.json]
+python benchmarks/run.py [--quick] [--only SECTION ...] [--json benchmarks/results.json]
 Every figure is the median of repeated runs after a warm-up; every ratio is taken within the run.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chan.data import DEFAULT_DATA
 from chan.similarity import hard_scores, soft_scores
 
+SECTIONS = ["similarity", "scale", "regions", "evaluation"]
 # issue 14's faster regions: one detector pass at the photo's size (224 px for this dataset's photos), backbone at 256
 FAST_REGIONS = {"detector_sizing": "photo", "detector_sizes": (224, 416), "image_size": 256}
 
@@ -208,15 +209,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats, galleries up to 10k, no full evaluation")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--json", type=Path, default=Path(__file__).with_name("results.json"))
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, metavar="SECTION",
+                   help=f"run only these sections, of {', '.join(SECTIONS)} (default: all; --quick skips evaluation)")
     args = p.parse_args()
     logging.disable(logging.WARNING)
     torch.manual_seed(0)
     repeats = 3 if args.quick else 7
-    results = {"similarity": bench_similarity(1000, 36, 12, 512, 16, repeats),
-               "scale": bench_scale([1000, 10000] if args.quick else [1000, 10000, 100000], 36, 12, 512, repeats),
-               "regions": bench_regions(repeats, args.data)}
-    if not args.quick:
-        results["evaluation"] = bench_evaluation(args.data)
+    sections = {"similarity": lambda: bench_similarity(1000, 36, 12, 512, 16, repeats),
+                "scale": lambda: bench_scale([1000, 10000] if args.quick else [1000, 10000, 100000], 36, 12, 512, repeats),
+                "regions": lambda: bench_regions(repeats, args.data),
+                "evaluation": lambda: bench_evaluation(args.data)}
+    results = {name: run() for name, run in sections.items()
+               if name in args.only and not (args.quick and name == "evaluation")}
     args.json.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")
 
