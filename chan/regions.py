@@ -1,9 +1,8 @@
 """Region features for any photo: detector proposals (+ grid cells), RoIAlign over an EfficientNet-Lite map.
 
-Each photo gives K regions. Default: YOLOv3-tiny boxes at several input sizes (or at one chosen from the
-photo's size), ranked by
-objectness, class-agnostic NMS, up to K distinct boxes, grid cells (2x2, 3x3, ...) only to fill
-what is left; no whole-photo region. The first settings (`LEGACY`) put the whole photo first and
+Each photo gives K regions. Default: YOLOv3-tiny boxes at several input sizes (or at one chosen from
+the photo's size), ranked by objectness, class-agnostic NMS, up to K distinct boxes, grid cells (2x2,
+3x3, ...) only to fill what is left; no whole-photo region. The first settings (`LEGACY`) put the whole photo first and
 took up to 20 confident COCO detections. A region's feature is the RoIAlign-pooled backbone map
 plus its normalised geometry (x1, y1, x2, y2, area). The backbone's trunk output is kept per
 photo as well, so that a model can tune the backbone's tail (`chan.backbone`).
