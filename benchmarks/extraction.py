@@ -108,7 +108,7 @@ def main() -> None:
             shares = " | ".join(f"{100 * r.get(stage, 0.0) / r['total']:.0f}%" for stage in STAGES)
             print(f"| {runtime} | {batch} | {len(paths) / r['total']:.1f} | {1000 * r['total'] / len(paths):.0f} | "
                   f"{baseline / r['total']:.2f}x | {shares} |")
-    photos = [load_photo(p) for p in paths]
+    photos = [load_photo(p) for p in paths] if len(extractors) > 1 else []  # the regions are compared, if any two
     regions = {runtime: [r for s in range(0, len(photos), 8) for r in extractor(photos[s : s + 8])]
                for runtime, extractor in extractors.items()}
     first = args.runtimes[0]
