@@ -16,21 +16,22 @@ from .similarity import POOLINGS, SCORERS
 
 
 def detector_sizes(text: str) -> tuple[int, ...]:
-    """argparse type: comma-separated detector input sizes, each a positive multiple of 32."""
+    """argparse type: comma-separated detector input sizes, checked as `RegionSettings` checks them."""
+    from .region_settings import RegionSettings
+
     try:
         sizes = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: sizes in pixels separated by commas, e.g. 288,416") from None
-    if not sizes or any(s <= 0 or s % 32 for s in sizes):
-        raise argparse.ArgumentTypeError(f"{text!r}: each size a positive multiple of 32 (the detector's stride)")
+        RegionSettings(detector_sizes=sizes)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes in pixels separated by commas, e.g. 288,416 ({e})") from None
     return sizes
 
 
 def add_detector_options(p: argparse.ArgumentParser) -> None:
     """The objectness proposals' detector passes (ignored by the legacy regions)."""
-    from .region_settings import RegionSettings
+    from .region_settings import DETECTOR_SIZINGS, RegionSettings
 
-    p.add_argument("--detector-sizing", choices=["fixed", "photo"], default=RegionSettings.detector_sizing,
+    p.add_argument("--detector-sizing", choices=DETECTOR_SIZINGS, default=RegionSettings.detector_sizing,
                    help="fixed: a detector pass at every --detector-sizes; photo: one pass at the photo's short side "
                         "(down to a multiple of 32) within their range: faster, other proposals (default: %(default)s)")
     p.add_argument("--detector-sizes", type=detector_sizes, default=RegionSettings.detector_sizes, metavar="S,S",

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from .backbone import BACKBONE_CHANNELS
 
 GEOMETRY_DIMS = 5
+DETECTOR_SIZINGS = ("fixed", "photo")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class RegionSettings:
     detector_sizing: str = "fixed"
 
     def __post_init__(self):
-        if self.detector_sizing not in ("fixed", "photo"):
+        if self.detector_sizing not in DETECTOR_SIZINGS:
             raise ValueError(f"detector_sizing {self.detector_sizing!r}: 'fixed' or 'photo'")
         if not self.detector_sizes or any(s <= 0 or s % 32 for s in self.detector_sizes):
             raise ValueError(f"detector_sizes {self.detector_sizes}: positive multiples of 32 (the detector's stride)")
