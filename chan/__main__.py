@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "state); --epochs counts those epochs too")
     add_device_option(p)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
-                   help="auto and bf16: bf16 autocast on a GPU; fp32: none. On the CPU only the tuned backbone tail "
-                        "runs in bf16 autocast, and only where the CPU computes bf16 natively (default: %(default)s)")
+                   help="auto and bf16: bf16 autocast on a GPU; on the CPU only the tuned backbone tail runs in bf16 "
+                        "autocast, and only where the CPU computes bf16 natively. fp32: none, the tail included, so a run "
+                        "on such a CPU repeats one made where bf16 did not pay (default: %(default)s)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="R@1/5/10 both ways, RSUM, median and mean rank")

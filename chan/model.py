@@ -79,13 +79,14 @@ class ImageEncoder(nn.Module):
     With `tail_start`, the backbone's tail is part of the model: region features are recomputed
     from each photo's cached trunk map (RoIAlign over the tuned tail's output), keeping the
     stored geometry. The tail runs under bfloat16 autocast while training where that pays (a GPU, a CPU with
-    native bf16), to halve its cost.
+    native bf16), to halve its cost, unless `tail_bf16` is off (`train --precision fp32`).
     """
 
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.roi_size = c.roi_size
         self.tail = BackboneTail(load_backbone(c.backbone), c.tail_start) if c.tail_start else None
+        self.tail_bf16 = True
         self.fc = nn.Linear(c.feature_dim, c.embed_dim)
         self.attn = None
         if c.self_attention:
@@ -100,7 +101,7 @@ class ImageEncoder(nn.Module):
             raise ValueError("this model tunes the backbone: it needs the photos' trunk maps, which these features lack")
         # channels-last maps: oneDNN's depthwise and 1x1 convolutions run about 1.2x faster that way on the CPU
         maps = maps.float().contiguous(memory_format=torch.channels_last)
-        with torch.autocast(maps.device.type, dtype=torch.bfloat16, enabled=self.training and bf16_pays(maps.device)):
+        with torch.autocast(maps.device.type, dtype=torch.bfloat16, enabled=self.training and self.tail_bf16 and bf16_pays(maps.device)):
             fmap = self.tail(maps)
         geometry = features[..., BACKBONE_CHANNELS:].float()
         return torch.cat([pool_regions(fmap, geometry[..., :4], self.roi_size), geometry], -1)

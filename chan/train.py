@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .backbone import load_backbone
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEFAULT_DATA, open_dataset
-from .device import autocast
+from .device import autocast, bf16_pays
 from .distributed import gather_rows, join
 from .evaluate import evaluate
 from .features import RegionTable, table_for
@@ -63,7 +63,7 @@ class TrainConfig:
     pooled_tokens: str = "content"  # content: no special tokens or punctuation in the max and the pooling; all
     init: Path | None = None  # start from this checkpoint's weights and continue its epochs (fresh optimizer state)
     device: str = "auto"  # auto: the GPU when CUDA is available, else the CPU
-    precision: str = "auto"  # auto / bf16: bf16 autocast on a GPU; fp32: none (on the CPU only the tail, where bf16 pays)
+    precision: str = "auto"  # auto / bf16: bf16 autocast on a GPU, on the CPU the tail's where bf16 pays; fp32: none
 
 
 def build_vocab(captions: list[str]) -> list[str]:
@@ -260,6 +260,9 @@ def train(c: TrainConfig) -> dict:
         backbone=settings.backbone, roi_size=settings.roi_size, global_weight=c.global_weight,
     )
     model = CHAN(config).to(device)
+    model.image_encoder.tail_bf16 = c.precision != "fp32"
+    if model.image_encoder.tail is not None:
+        log.info("the backbone's tail trains in %s", "bf16 autocast" if c.precision != "fp32" and bf16_pays(device) else "fp32")
     if bigru:
         log.info("GloVe vectors for %d of %d words", model.text_encoder.init_from_glove(), len(config.vocab))
 

@@ -39,6 +39,19 @@ def test_tail_is_stored_and_trains_with_frozen_batch_norm():
     assert bns and not any(m.training for m in bns)
 
 
+def test_precision_fp32_keeps_the_tail_out_of_bf16(monkeypatch):
+    """Where bf16 pays, the tail trains under bf16 autocast, unless `tail_bf16` is off (`train --precision fp32`)."""
+    monkeypatch.setattr("chan.model.bf16_pays", lambda device: True)  # as on a CPU with native bf16
+    model = CHAN(ModelConfig(tail_start=14)).train()
+    seen = []
+    model.image_encoder.tail.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+    maps, features = torch.randn(2, 192, 10, 10), torch.rand(2, 36, 1285)
+    for bf16 in (True, False):
+        model.image_encoder.tail_bf16 = bf16
+        model.image_encoder.region_features(features, maps)
+    assert seen == [torch.bfloat16, torch.float32]
+
+
 def test_frozen_caption_states_give_the_full_forward():
     model = CHAN(ModelConfig()).eval()
     texts = ["a dog runs .", "two children play football on a green field near some tall trees", "snow"]
