@@ -134,7 +134,8 @@ def test_captions_scored_from_packed_words_match_the_padded_scorer(gallery, simi
     with torch.no_grad():
         expected = gallery.model.scores(image, torch.ones(image.shape[:2], dtype=torch.bool), words, mask)[0].float()
         got = index.caption_scores(gallery.model, image, chunk=7)  # chunks of mixed lengths
-    assert torch.allclose(got, expected, atol=1e-4)
+    # where bf16 is native the index is bfloat16, and the packed product rounds the photo's regions to it too
+    assert torch.allclose(got, expected, atol=1e-4 if index.caption_words.dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("global_weight", [0.0, 0.3])
