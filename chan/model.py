@@ -101,7 +101,8 @@ class ImageEncoder(nn.Module):
             raise ValueError("this model tunes the backbone: it needs the photos' trunk maps, which these features lack")
         # channels-last maps: oneDNN's depthwise and 1x1 convolutions run about 1.2x faster that way on the CPU
         maps = maps.float().contiguous(memory_format=torch.channels_last)
-        with torch.autocast(maps.device.type, dtype=torch.bfloat16, enabled=self.training and self.tail_bf16 and bf16_pays(maps.device)):
+        bf16 = self.training and self.tail_bf16 and bf16_pays(maps.device)
+        with torch.autocast(maps.device.type, dtype=torch.bfloat16, enabled=bf16):
             fmap = self.tail(maps)
         geometry = features[..., BACKBONE_CHANNELS:].float()
         return torch.cat([pool_regions(fmap, geometry[..., :4], self.roi_size), geometry], -1)
