@@ -260,9 +260,10 @@ def train(c: TrainConfig) -> dict:
         backbone=settings.backbone, roi_size=settings.roi_size, global_weight=c.global_weight,
     )
     model = CHAN(config).to(device)
-    model.image_encoder.tail_bf16 = c.precision != "fp32"
-    if model.image_encoder.tail is not None:
-        log.info("the backbone's tail trains in %s", "bf16 autocast" if c.precision != "fp32" and bf16_pays(device) else "fp32")
+    encoder = model.image_encoder
+    encoder.tail_bf16 = c.precision != "fp32"
+    if encoder.tail is not None:
+        log.info("the backbone's tail trains in %s", "bf16 autocast" if encoder.tail_bf16 and bf16_pays(device) else "fp32")
     if bigru:
         log.info("GloVe vectors for %d of %d words", model.text_encoder.init_from_glove(), len(config.vocab))
 
