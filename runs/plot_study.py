@@ -34,8 +34,9 @@ def plot_dev_rsum(arms: list[tuple[str, Path]], path: Path) -> None:
     colours = plt.get_cmap("tab20").colors  # more arms than the default cycle's 10 colours
     for i, (label, history) in enumerate(arms):
         rows = json.loads(history.read_text())
-        ax.plot([r["epoch"] for r in rows], [r["rsum"] for r in rows], "o-", label=label,
-                color=colours[(2 * i) % 20 + (2 * i) // 20])
+        style = ("o-", "s--", "^:")[i // 20 % 3]  # past 20 arms the colours repeat: another marker and line
+        ax.plot([r["epoch"] for r in rows], [r["rsum"] for r in rows], style, label=label,
+                color=colours[(2 * i) % 20 + (2 * i) // 20 % 2])
     ax.set(xlabel="epoch", ylabel="dev RSUM (Flickr8k, 1,000 photos)", title="Region study: dev RSUM per epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
