@@ -1,7 +1,8 @@
 """Where region extraction spends its time, with each runtime: decoding, resizing, the detector, NMS, the backbone.
 
 python benchmarks/extraction.py [--photos 64] [--batch-sizes 1 8] [--runtimes torch onnx] [--data DIR]
-                                [--detector-sizing photo --detector-sizes 224,416 --image-size 256] [--json FILE]
+                                [--detector-sizing photo --detector-sizes 224,416 --image-size 256]
+                                [--detector-precision int8] [--json FILE]
 Photos come from the bundled gallery (224 x 224), or from --data's test split (photos at their own size).
 The regions are the default checkpoint's settings. For each runtime and batch size, after one warm-up
 batch, every stage's seconds are summed over all photos; the table gives photos/s, ms per photo, the
@@ -89,7 +90,8 @@ def main() -> None:
     paths = [ph.path for ph in source.photos[: args.photos]]
     settings = settings_from_key(read_metadata(DEFAULT_CHECKPOINT)["regions"])
     candidate = replace(settings, image_size=args.image_size or settings.image_size,
-                        detector_sizing=args.detector_sizing, detector_sizes=args.detector_sizes)
+                        detector_sizing=args.detector_sizing, detector_sizes=args.detector_sizes,
+                        detector_precision=args.detector_precision)
     extractors = {runtime: RegionExtractor(settings, runtime=runtime) for runtime in args.runtimes}
     if candidate != settings:
         extractors["candidate"] = RegionExtractor(candidate, runtime=args.runtimes[-1])

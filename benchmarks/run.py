@@ -2,6 +2,7 @@
 
 python benchmarks/run.py [--quick] [--only SECTION ...] [--json benchmarks/results.json]
                          [--candidate-detector-sizing photo --candidate-detector-sizes 288,416 --candidate-image-size 320]
+                         [--candidate-detector-precision int8]
 Every figure is the median of repeated runs after a warm-up; every ratio is taken within the run.
 """
 from __future__ import annotations
@@ -22,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chan.__main__ import detector_sizes
 from chan.data import DEFAULT_DATA
-from chan.region_settings import DETECTOR_SIZINGS
+from chan.region_settings import DETECTOR_PRECISIONS, DETECTOR_SIZINGS
 from chan.similarity import hard_scores, soft_scores
 
 SECTIONS = ["similarity", "scale", "regions", "evaluation"]
 # issue 14's faster regions (the default candidate): one detector pass at the photo's short side, at least 288 px
-FAST_REGIONS = {"detector_sizing": "photo", "detector_sizes": (288, 416), "image_size": 320}
+FAST_REGIONS = {"detector_sizing": "photo", "detector_sizes": (288, 416), "image_size": 320, "detector_precision": "fp32"}
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -221,9 +222,11 @@ def main() -> None:
                         f"{','.join(map(str, FAST_REGIONS['detector_sizes']))})")
     p.add_argument("--candidate-image-size", type=int, default=FAST_REGIONS["image_size"],
                    help="regions: the candidate's backbone input side (default: %(default)s)")
+    p.add_argument("--candidate-detector-precision", choices=DETECTOR_PRECISIONS, default=FAST_REGIONS["detector_precision"],
+                   help="regions: the candidate's detector precision (default: %(default)s)")
     args = p.parse_args()
     fast_regions = {"detector_sizing": args.candidate_detector_sizing, "detector_sizes": args.candidate_detector_sizes,
-                    "image_size": args.candidate_image_size}
+                    "image_size": args.candidate_image_size, "detector_precision": args.candidate_detector_precision}
     logging.disable(logging.WARNING)
     torch.manual_seed(0)
     repeats = 3 if args.quick else 7

@@ -7,6 +7,7 @@ not stored: they come from the pip-installed package named in the file. Loading 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,6 +47,17 @@ def _parsed(meta: dict[str, str]) -> dict:
 def read_metadata(path: Path) -> dict:
     """The JSON metadata of a checkpoint (config, regions, base_model, info), without building the model."""
     return _parsed(store.read(path, FORMAT, "CHAN checkpoint", tensors=False, error=CheckpointError)[1])
+
+
+def with_detector_precision(settings: RegionSettings | PrecomputedSettings,
+                            precision: str | None) -> RegionSettings | PrecomputedSettings:
+    """A checkpoint's region settings with their detector in another precision (None: as they are)."""
+    if precision is None or precision == getattr(settings, "detector_precision", None):
+        return settings
+    if not isinstance(settings, RegionSettings):
+        raise CheckpointError("this checkpoint reads precomputed region features: it has no detector to run in "
+                              f"{precision}")
+    return replace(settings, detector_precision=precision)
 
 
 def load_checkpoint(path: Path) -> tuple[CHAN, RegionSettings | PrecomputedSettings, dict]:

@@ -147,20 +147,26 @@ class YoloV3Tiny(nn.Module):
         self.class_names = [n.strip() for n in (folder / "coco.names").read_text().splitlines() if n.strip()]
         self.conf, self.iou = conf, iou
         self.sessions: dict = {}  # input size -> an ONNX Runtime session of `net`, or None until used (`use_onnx_runtime`)
+        self.int8 = False
         self._sessions_lock = threading.Lock()
 
-    def use_onnx_runtime(self, sizes) -> "YoloV3Tiny":
-        """Run the network by ONNX Runtime at these input sizes (others stay with torch); each size's session is
-        made at its first use, so sizes no photo needs cost nothing."""
-        self.sessions = dict.fromkeys(sizes)
+    def use_onnx_runtime(self, sizes, int8: bool = False) -> "YoloV3Tiny":
+        """Run the network by ONNX Runtime at these input sizes (others stay with torch), in int8 if asked
+        (`chan.detector_int8`); each size's session is made at its first use, so sizes no photo needs cost nothing."""
+        self.sessions, self.int8 = dict.fromkeys(sizes), int8
         return self
 
     def _session(self, size: int):
-        from .runtime import OnnxModule
+        from .runtime import OnnxModule, cpu_session
 
         with self._sessions_lock:  # photos of one size may arrive from several threads at once
             if self.sessions[size] is None:
-                self.sessions[size] = OnnxModule(self.net, torch.zeros(1, 3, size, size), f"yolov3-tiny-{size}")
+                module = OnnxModule(self.net, torch.zeros(1, 3, size, size), f"yolov3-tiny-{size}")
+                if self.int8:
+                    from .detector_int8 import quantized_detector
+
+                    module.session = cpu_session(str(quantized_detector(module.path)), module.threads)
+                self.sessions[size] = module
             return self.sessions[size]
 
     def _raw(self, images: torch.Tensor) -> torch.Tensor:

@@ -58,21 +58,25 @@ def open_split(data: Path, split: str | None) -> tuple[Dataset, str | None]:
 
 
 def checkpoint_scores(checkpoint: Path, dataset: Dataset, similarity: str | None = None,
-                      device: torch.device | str = "cpu", global_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                      device: torch.device | str = "cpu", global_weight: float = 0.0,
+                      detector_precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of one checkpoint on a dataset split (optionally with another similarity than it was trained with,
-    or a global term beside it)."""
-    from .checkpoint import load_checkpoint
+    a global term beside it, or its regions made with another detector precision)."""
+    from .checkpoint import load_checkpoint, with_detector_precision
 
     model, settings, _ = load_checkpoint(checkpoint)
+    settings = with_detector_precision(settings, detector_precision)
     model.config.similarity = similarity or model.config.similarity
     return split_scores(model.to(device), dataset, table_for(dataset, settings, device=device), progress=True,
                         global_weight=global_weight)
 
 
 def ensemble_scores(checkpoints: list[Path], dataset: Dataset, similarity: str | None = None,
-                    device: torch.device | str = "cpu", global_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: torch.device | str = "cpu", global_weight: float = 0.0,
+                    detector_precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean score of several checkpoints (the authors' eval_ensemble), and each caption's photo index."""
-    return mean_scores([checkpoint_scores(c, dataset, similarity, device, global_weight) for c in checkpoints])
+    return mean_scores([checkpoint_scores(c, dataset, similarity, device, global_weight, detector_precision)
+                        for c in checkpoints])
 
 
 def mean_scores(runs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, read_metadata
+from .checkpoint import load_checkpoint, read_metadata, with_detector_precision
 from .data import Dataset, open_dataset
 from .device import bf16_pays
 from .encoding import encode_captions
@@ -64,8 +64,10 @@ class Gallery:
     """
 
     def __init__(self, checkpoint: Path, dataset: Dataset, progress: bool = True, index_now: bool = True,
-                 device: torch.device | str = "cpu"):
-        self.model, self.settings, self.info = load_checkpoint(checkpoint)
+                 device: torch.device | str = "cpu", detector_precision: str | None = None):
+        self.model, settings, self.info = load_checkpoint(checkpoint)
+        self.settings = with_detector_precision(settings, detector_precision)  # None: the checkpoint's regions
+        self.other_regions = self.settings != settings
         self.device = torch.device(device)
         self.model.to(self.device)
         self.model.serve_with_onnx()  # on the CPU: queries and captions encoded, and photos scored, by ONNX Runtime
@@ -112,6 +114,8 @@ class Gallery:
     def _index_key(self, checkpoint: Path) -> str:
         """What the index is computed from: the checkpoint's bytes, each photo file's content, the captions."""
         h = hashlib.sha1(f"{file_digest(checkpoint)}|{self.dataset.root.resolve()}".encode())
+        if self.other_regions:  # the checkpoint read on regions other than its own
+            h.update(self.settings.key().encode())
         for p in self.dataset.photos:
             h.update(f"{p.id}|{photo_stat(p.path) if p.path else None}\n".encode())
         for split, path in sorted(self.dataset.features.items()):  # precomputed features
@@ -361,11 +365,12 @@ class Gallery:
 
 
 def open_gallery(folder: Path, checkpoint: Path, split: str | None = None, progress: bool = True,
-                 index_now: bool = True, device: torch.device | str = "cpu") -> Gallery:
+                 index_now: bool = True, device: torch.device | str = "cpu",
+                 detector_precision: str | None = None) -> Gallery:
     """A dataset folder's split (default: test where there is one, else every photo) as a gallery."""
     dataset = open_dataset(folder)
     return Gallery(checkpoint, dataset.split(split or dataset.default_split()), progress=progress, index_now=index_now,
-                   device=device)
+                   device=device, detector_precision=detector_precision)
 
 
 def model_label(similarity: str, name: str) -> str:
@@ -400,7 +405,8 @@ def index_in_background(main: Gallery, comparisons: list[Comparison] = ()) -> th
         for c in comparisons:
             if c.gallery is None:
                 try:
-                    c.gallery = Gallery(c.checkpoint, main.dataset, progress=False, index_now=False, device=main.device)
+                    c.gallery = Gallery(c.checkpoint, main.dataset, progress=False, index_now=False, device=main.device,
+                                        detector_precision=main.settings.detector_precision if main.other_regions else None)
                 except Exception:
                     log.exception("loading %s failed", c.checkpoint)
                     continue

@@ -11,6 +11,7 @@ from .backbone import BACKBONE_CHANNELS
 
 GEOMETRY_DIMS = 5
 DETECTOR_SIZINGS = ("fixed", "photo")
+DETECTOR_PRECISIONS = ("fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,14 @@ class RegionSettings:
     # fixed: a detector pass at every size in detector_sizes; photo: one pass at the photo's short side (down to a
     # multiple of 32) within their range, so that a small photo is not upsampled past the smallest size
     detector_sizing: str = "fixed"
+    # fp32, or int8: the detector's convolutions quantized (ONNX Runtime only; `chan.detector_int8`)
+    detector_precision: str = "fp32"
 
     def __post_init__(self):
         if self.detector_sizing not in DETECTOR_SIZINGS:
             raise ValueError(f"detector_sizing {self.detector_sizing!r}: 'fixed' or 'photo'")
+        if self.detector_precision not in DETECTOR_PRECISIONS:
+            raise ValueError(f"detector_precision {self.detector_precision!r}: one of {', '.join(DETECTOR_PRECISIONS)}")
         if not self.detector_sizes or any(s <= 0 or s % 32 for s in self.detector_sizes):
             raise ValueError(f"detector_sizes {self.detector_sizes}: positive multiples of 32 (the detector's stride)")
 
@@ -66,7 +71,7 @@ class RegionSettings:
 
 
 # Fields added after caches and checkpoints were written: left out of a key while they hold these values.
-ADDED_LATER = {"detector_sizing": "fixed"}
+ADDED_LATER = {"detector_sizing": "fixed", "detector_precision": "fp32"}
 
 
 # Values of the first settings, for keys written before these fields existed.

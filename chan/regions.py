@@ -116,6 +116,9 @@ class RegionExtractor:
             raise ValueError(f"unknown runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
         if runtime == "onnx" and self.device.type != "cpu":
             raise ValueError("the onnx runtime runs on the CPU here; use runtime='torch' on a GPU")
+        if settings.detector_precision == "int8" and runtime != "onnx":
+            raise ValueError("the int8 detector runs by ONNX Runtime on the CPU: use runtime='onnx', or "
+                             "detector_precision='fp32'")
         self.settings, self.runtime = settings, runtime
         self.detector = YoloV3Tiny(conf=settings.detector_conf, iou=settings.detector_iou).to(self.device)
         self.backbone = load_backbone(settings.backbone).to(self.device)
@@ -123,7 +126,7 @@ class RegionExtractor:
         self.features = _FeatureNet(self.backbone, self.split).eval()
         if runtime == "onnx":
             sizes = [self.detector.input_size] if settings.proposals == "detections" else settings.all_detector_sizes()
-            self.detector.use_onnx_runtime(sizes)
+            self.detector.use_onnx_runtime(sizes, int8=settings.detector_precision == "int8")
             example = torch.zeros(1, 3, settings.image_size, settings.image_size)
             self.features = OnnxModule(self.features, example, f"{settings.backbone}-{settings.image_size}-{self.split}")
         self.stage_seconds: dict[str, float] | None = None  # set to {} to have each stage's time summed into it

@@ -80,6 +80,7 @@ class OnnxModule:
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes exporting at once never share it
             tmp.write_bytes(buffer.getvalue())
             tmp.replace(path)
+        self.path, self.threads = path, threads
         self.session = cpu_session(str(path), threads)
 
     def __call__(self, *xs: torch.Tensor) -> list[torch.Tensor]:

@@ -59,6 +59,7 @@ class TrainConfig:
     image_size: int = RegionSettings.image_size  # proposals: the backbone's input side
     detector_sizing: str = RegionSettings.detector_sizing  # proposals: fixed sizes, or one from the photo's size
     detector_sizes: tuple[int, ...] = RegionSettings.detector_sizes
+    detector_precision: str = RegionSettings.detector_precision  # proposals: fp32, or int8 (ONNX Runtime)
     global_weight: float = 0.0  # >0: train with a global term in the score (W x cosine of the mean region and mean word)
     pooled_tokens: str = "content"  # content: no special tokens or punctuation in the max and the pooling; all
     init: Path | None = None  # start from this checkpoint's weights and continue its epochs (fresh optimizer state)
@@ -241,7 +242,8 @@ def train(c: TrainConfig) -> dict:
         train_set.photos = [p for p in train_set.photos if p.id in keep]
         train_set.captions = [x for x in train_set.captions if x.photo_id in keep]
     settings = (RegionSettings(tail_start=c.tune_from, image_size=c.image_size, detector_sizing=c.detector_sizing,
-                               detector_sizes=tuple(c.detector_sizes)) if c.regions == "proposals" else LEGACY_SETTINGS)
+                               detector_sizes=tuple(c.detector_sizes), detector_precision=c.detector_precision)
+                if c.regions == "proposals" else LEGACY_SETTINGS)
     if c.tune_backbone and not settings.tail_start:
         raise ValueError(f"--tune-backbone needs regions that keep the backbone's trunk maps; {c.regions!r} regions do not")
     blocks = len(load_backbone(settings.backbone)._blocks) if c.tune_backbone else 0

@@ -154,3 +154,13 @@ def test_photo_scores_match_the_models_scores(gallery, global_weight, monkeypatc
         got = index.photo_scores(gallery.model, emb, mask)
     assert got.shape == (len(index.photos), 2)
     assert torch.allclose(got, expected, atol=1e-4 if index.region_embeddings.dtype == torch.float32 else 2e-2)
+
+
+def test_a_gallery_with_another_detector_precision_keeps_an_index_of_its_own(gallery):
+    """The int8 detector's regions are other regions: another region cache and another index; fp32 asked of an
+    fp32 checkpoint is the checkpoint's own and keeps its index."""
+    own = Gallery(DEFAULT_CHECKPOINT, gallery.dataset, progress=False, index_now=False)
+    same = Gallery(DEFAULT_CHECKPOINT, gallery.dataset, progress=False, index_now=False, detector_precision="fp32")
+    int8 = Gallery(DEFAULT_CHECKPOINT, gallery.dataset, progress=False, index_now=False, detector_precision="int8")
+    assert same.cache_path == own.cache_path != int8.cache_path
+    assert int8.settings == replace(own.settings, detector_precision="int8") and int8.other_regions

@@ -9,6 +9,7 @@ from torchvision.ops import box_iou
 
 from chan.backbone import pool_regions
 from chan.data import open_dataset
+from chan.detector_int8 import quantized_detector
 from chan.photos import PhotoError, load_photo
 from chan.region_settings import LEGACY_SETTINGS, RegionSettings, settings_from_key
 from chan.regions import RegionExtractor, grid_boxes
@@ -113,6 +114,28 @@ def test_keys_of_settings_made_before_detector_sizing_are_unchanged():
     assert json.loads(RegionSettings().key()) == json.loads(RegionSettings(detector_sizing="fixed").key())
     photo = RegionSettings(detector_sizing="photo", detector_sizes=(224, 416))
     assert json.loads(photo.key())["detector_sizing"] == "photo" and settings_from_key(photo.key()) == photo
+
+
+def test_an_int8_detector_is_keyed_apart_and_finds_most_of_the_float_boxes(test_split, tmp_path):
+    """int8 regions get a cache key of their own (fp32 keys stay as they were); the detector is quantized from the
+    shipped ranges alone, and on real photos it finds most boxes the float detector finds."""
+    assert "detector_precision" not in RegionSettings().key()
+    settings = RegionSettings(detector_sizing="photo", detector_sizes=(224, 416), detector_precision="int8")
+    assert json.loads(settings.key())["detector_precision"] == "int8" and settings_from_key(settings.key()) == settings
+    with pytest.raises(ValueError, match="one of fp32, int8"):
+        RegionSettings(detector_precision="fp16")
+    with pytest.raises(ValueError, match="ONNX Runtime"):
+        RegionExtractor(settings, runtime="torch")
+    photos = [load_photo(p.path) for p in test_split.photos[:8]]
+    exact = RegionExtractor(RegionSettings(detector_sizing="photo", detector_sizes=(224, 416)))(photos)
+    quantized = RegionExtractor(settings)(photos)
+    found = total = 0
+    for a, b in zip(exact, quantized):
+        iou = box_iou(torch.from_numpy(a.boxes[a.detected]), torch.from_numpy(b.boxes[b.detected]))
+        found, total = found + int((iou.max(1).values >= 0.7).sum()), total + len(iou)
+    assert total > 50 and found / total > 0.5  # 75% of the default regions' boxes on 64 gallery photos
+    with pytest.raises(FileNotFoundError, match="activation ranges are missing"):
+        quantized_detector(tmp_path / "yolo.onnx", tmp_path / "missing.json")
 
 
 def test_photos_of_other_sizes_in_one_batch_get_their_own_detector_pass(test_split):

@@ -195,3 +195,16 @@ def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path, trained):
         load_checkpoint(garbage)
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "absent.safetensors")
+
+
+def test_a_checkpoint_read_with_another_detector_precision_gets_other_region_settings():
+    """Only the detector's precision changes; a checkpoint of precomputed features has no detector to change."""
+    from chan.checkpoint import with_detector_precision
+    from chan.region_settings import PrecomputedSettings, RegionSettings
+
+    settings = RegionSettings(tail_start=12)
+    assert with_detector_precision(settings, None) is settings and with_detector_precision(settings, "fp32") is settings
+    assert with_detector_precision(settings, "int8") == replace(settings, detector_precision="int8")
+    assert with_detector_precision(PrecomputedSettings(), None) == PrecomputedSettings()
+    with pytest.raises(CheckpointError, match="no detector"):
+        with_detector_precision(PrecomputedSettings(), "int8")
