@@ -25,9 +25,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from chan.__main__ import add_detector_precision_override
     from chan.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_COMPARISON
     from chan.gallery import DEFAULT_GALLERY
-    from chan.region_settings import DETECTOR_PRECISIONS
     from chan.search import add_qdrant_options
 
     p = argparse.ArgumentParser(description="CHAN demo: caption -> images, image -> captions, and the alignment inspector.")
@@ -42,10 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a model shown beside the main one in the search tab, e.g. runs/global-bert.safetensors; "
                         f"repeat for several (default: the SCAN twin, {DEFAULT_COMPARISON.relative_to(ROOT)}, if present)")
     p.add_argument("--no-compare", action="store_true", help="serve the main model alone")
-    p.add_argument("--detector-precision", choices=DETECTOR_PRECISIONS, default=None,
-                   help="extract regions with the detector in this precision instead of the checkpoint's: int8 is "
-                        "faster where the CPU has VNNI (uploads, a new gallery), with other proposals and a little "
-                        "lower accuracy; the compared models read the same regions (default: the checkpoint's)")
+    add_detector_precision_override(p, note=" and a little lower accuracy; the compared models read the same regions")
     add_qdrant_options(p, where=" (a collection pushed by `python -m chan index`; caption ranking and the "
                                 "inspector still run here)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")

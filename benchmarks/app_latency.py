@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.handlers import Handlers  # noqa: E402
 from benchmarks.run import median_seconds  # noqa: E402
+from chan.__main__ import add_detector_precision_override  # noqa: E402
 from chan.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from chan.gallery import DEFAULT_GALLERY, open_gallery  # noqa: E402
-from chan.region_settings import DETECTOR_PRECISIONS  # noqa: E402
 from chan.regions import RegionExtractor  # noqa: E402
 
 QUERIES = ["a black dog runs through the snow", "two children play on the beach", "a man rides a bike",
@@ -40,8 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY)
-    p.add_argument("--detector-precision", choices=DETECTOR_PRECISIONS, default=None,
-                   help="the regions' detector in this precision (default: the checkpoint's), as app.py takes it")
+    add_detector_precision_override(p)  # as app.py takes it
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", type=Path, default=Path("benchmarks/app_latency.json"))
     args = p.parse_args()

@@ -42,13 +42,13 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
                         "other proposals (default: %(default)s)")
 
 
-def add_detector_precision_override(p: argparse.ArgumentParser) -> None:
+def add_detector_precision_override(p: argparse.ArgumentParser, note: str = "") -> None:
     """Read a checkpoint on its regions made with another detector precision (another region cache)."""
     from .region_settings import DETECTOR_PRECISIONS
 
     p.add_argument("--detector-precision", choices=DETECTOR_PRECISIONS, default=None,
                    help="extract the regions with this detector precision instead of the checkpoint's: int8 is faster "
-                        "where the CPU has VNNI, at the cost of other proposals (default: the checkpoint's)")
+                        f"where the CPU has VNNI, at the cost of other proposals{note} (default: the checkpoint's)")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:

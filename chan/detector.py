@@ -157,16 +157,13 @@ class YoloV3Tiny(nn.Module):
         return self
 
     def _session(self, size: int):
-        from .runtime import OnnxModule, cpu_session
+        from .detector_int8 import quantized_detector
+        from .runtime import OnnxModule
 
         with self._sessions_lock:  # photos of one size may arrive from several threads at once
             if self.sessions[size] is None:
-                module = OnnxModule(self.net, torch.zeros(1, 3, size, size), f"yolov3-tiny-{size}")
-                if self.int8:
-                    from .detector_int8 import quantized_detector
-
-                    module.session = cpu_session(str(quantized_detector(module.path)), module.threads)
-                self.sessions[size] = module
+                self.sessions[size] = OnnxModule(self.net, torch.zeros(1, 3, size, size), f"yolov3-tiny-{size}",
+                                                 transform=quantized_detector if self.int8 else None)
             return self.sessions[size]
 
     def _raw(self, images: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ recomputes the ranges (only needed when the detector's weights or its export cha
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -44,8 +45,6 @@ def _quantize(float_model: Path, out: Path, ranges: Path, reader=None) -> None:
 
 def quantized_detector(float_model: Path, ranges: Path = DETECTOR_INT8_RANGES) -> Path:
     """The int8 version of an exported detector (`<name>-int8-<ranges' digest>.onnx` beside it), made once."""
-    import hashlib
-
     if not ranges.is_file():
         raise FileNotFoundError(f"{ranges}: the int8 detector's activation ranges are missing "
                                 "(python -m chan.detector_int8 writes them)")

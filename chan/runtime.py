@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,13 @@ class OnnxModule:
     """A frozen torch module, exported to ONNX and run by ONNX Runtime; called with and returning torch tensors.
 
     `example` is one example input, or a tuple of them; each input's first axis (the batch) is dynamic,
-    and so is its second where `dynamic_length` (token sequences); the other axes are fixed.
+    and so is its second where `dynamic_length` (token sequences); the other axes are fixed. `transform` turns
+    the exported file into the one the session runs (e.g. a quantized copy); `path` stays the exported one.
     """
 
     def __init__(self, module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], name: str,
-                 cache_dir: Path = CACHE_DIR, threads: int | None = None, dynamic_length: bool = False):
+                 cache_dir: Path = CACHE_DIR, threads: int | None = None, dynamic_length: bool = False,
+                 transform: Callable[[Path], Path] | None = None):
         import onnxruntime
 
         examples = example if isinstance(example, tuple) else (example,)
@@ -80,8 +83,8 @@ class OnnxModule:
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes exporting at once never share it
             tmp.write_bytes(buffer.getvalue())
             tmp.replace(path)
-        self.path, self.threads = path, threads
-        self.session = cpu_session(str(path), threads)
+        self.path = path
+        self.session = cpu_session(str(transform(path) if transform else path), threads)
 
     def __call__(self, *xs: torch.Tensor) -> list[torch.Tensor]:
         if [tuple(x.shape[self.skip:]) for x in xs] != self.fixed:
