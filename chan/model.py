@@ -79,7 +79,8 @@ class ImageEncoder(nn.Module):
     With `tail_start`, the backbone's tail is part of the model: region features are recomputed
     from each photo's cached trunk map (RoIAlign over the tuned tail's output), keeping the
     stored geometry. The tail runs under bfloat16 autocast while training where that pays (a GPU, a CPU with
-    native bf16), to halve its cost, unless `tail_bf16` is off (`train --precision fp32`).
+    native bf16), to halve its cost, unless `tail_bf16` is off (`train --precision fp32`). A served model runs
+    it by ONNX Runtime once `tail_sessions` is a dict (`CHAN.serve_with_onnx`): one session per map shape.
     """
 
     def __init__(self, c: ModelConfig):
@@ -87,6 +88,7 @@ class ImageEncoder(nn.Module):
         self.roi_size = c.roi_size
         self.tail = BackboneTail(load_backbone(c.backbone), c.tail_start) if c.tail_start else None
         self.tail_bf16 = True
+        self.tail_sessions = None
         self.fc = nn.Linear(c.feature_dim, c.embed_dim)
         self.attn = None
         if c.self_attention:
@@ -99,13 +101,25 @@ class ImageEncoder(nn.Module):
             return features.float()
         if maps is None:
             raise ValueError("this model tunes the backbone: it needs the photos' trunk maps, which these features lack")
-        # channels-last maps: oneDNN's depthwise and 1x1 convolutions run about 1.2x faster that way on the CPU
-        maps = maps.float().contiguous(memory_format=torch.channels_last)
-        bf16 = self.training and self.tail_bf16 and bf16_pays(maps.device)
-        with torch.autocast(maps.device.type, dtype=torch.bfloat16, enabled=bf16):
-            fmap = self.tail(maps)
+        if self.tail_sessions is not None and not self.training:
+            fmap = self.onnx_tail(maps.float())
+        else:
+            # channels-last maps: oneDNN's depthwise and 1x1 convolutions run about 1.2x faster that way on the CPU
+            maps = maps.float().contiguous(memory_format=torch.channels_last)
+            bf16 = self.training and self.tail_bf16 and bf16_pays(maps.device)
+            with torch.autocast(maps.device.type, dtype=torch.bfloat16, enabled=bf16):
+                fmap = self.tail(maps)
         geometry = features[..., BACKBONE_CHANNELS:].float()
         return torch.cat([pool_regions(fmap, geometry[..., :4], self.roi_size), geometry], -1)
+
+    def onnx_tail(self, maps: torch.Tensor) -> torch.Tensor:
+        """The tuned tail by ONNX Runtime (exported once per checkpoint and map shape, cached)."""
+        from .runtime import OnnxModule
+
+        shape = tuple(maps.shape[1:])
+        if shape not in self.tail_sessions:
+            self.tail_sessions[shape] = OnnxModule(self.tail, maps[:1], "backbone-tail")
+        return self.tail_sessions[shape](maps)[0]
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
         x = self.fc(self.region_features(features, maps))
@@ -253,19 +267,22 @@ class CHAN(nn.Module):
         self.config = config
         self.image_encoder = ImageEncoder(config)
         self.text_encoder = BertEncoder(config) if config.text_encoder == "bert" else BiGRUEncoder(config)
-        # serving only (`serve_with_onnx`): the text encoder and the hard assignment's products by ONNX Runtime
+        # serving only (`serve_with_onnx`): the text encoder, the tuned backbone tail and the hard assignment's
+        # products by ONNX Runtime
         self.text_runtime = None
         self.cosine_runtime = None
 
     def serve_with_onnx(self) -> None:
-        """On the CPU, from now on: encode texts (a BERT-style encoder) and score hard alignment with ONNX Runtime.
-        For a served model only; training and evaluation never call this."""
+        """On the CPU, from now on: encode texts (a BERT-style encoder), run a tuned backbone tail and score hard
+        alignment with ONNX Runtime. For a served model only; training and evaluation never call this."""
         from .runtime import OnnxRegionCosines, OnnxTextEncoder
 
         if self.device.type != "cpu":
             return
         if self.config.text_encoder == "bert" and self.text_runtime is None:
             self.text_runtime = OnnxTextEncoder(self.text_encoder)
+        if self.image_encoder.tail is not None and self.image_encoder.tail_sessions is None:
+            self.image_encoder.tail_sessions = {}
         if self.config.similarity == "hard" and self.cosine_runtime is None:
             self.cosine_runtime = OnnxRegionCosines(self.config.embed_dim)
 

@@ -1,5 +1,5 @@
 """Frozen networks run by ONNX Runtime on the CPU: the extraction networks (detector, backbone), and, where the
-demo serves queries, a trained text encoder and the hard assignment's product of words and regions.
+demo serves queries, a trained text encoder, a tuned backbone tail and the hard assignment's product of words and regions.
 
 On this project's CPUs, ONNX Runtime runs YOLOv3-tiny about 2x and the EfficientNet-Lite trunk
 about 4x faster than eager PyTorch (depthwise convolutions above all), with the same outputs up
@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -80,7 +81,8 @@ class OnnxModule:
                                   dynamo=False, dynamic_axes={n: axes for n in self.names})
             module.train(was_training)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes exporting at once never share it
+            # processes (and threads) exporting at once never share it
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_bytes(buffer.getvalue())
             tmp.replace(path)
         self.path = path

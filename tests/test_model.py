@@ -20,6 +20,25 @@ def test_tuned_tail_reproduces_the_extracted_features_before_training(small_flic
     assert not torch.allclose(recomputed[:, :, :4], recomputed[:, :1, :4].expand_as(recomputed[:, :, :4]))
 
 
+def test_served_tail_gives_the_pytorch_features_and_training_stays_in_pytorch(small_flickr):
+    """Once served, the tuned tail runs by ONNX Runtime (one session per map shape) with the same region features up
+    to float rounding; a model put back to training runs it in PyTorch, with gradients."""
+    dataset = open_dataset(small_flickr).split("dev")
+    table = table_for(dataset, RegionSettings())
+    model = CHAN(ModelConfig(tail_start=RegionSettings().tail_start)).eval()
+    rows = table.rows([p.id for p in dataset.photos[:4]])
+    features, maps = table.features[rows], table.maps[rows]
+    with torch.no_grad():
+        eager = model.image_encoder.region_features(features, maps)
+        model.serve_with_onnx()
+        served = model.image_encoder.region_features(features, maps)
+        one = model.image_encoder.region_features(features[:1], maps[:1])
+    assert list(model.image_encoder.tail_sessions) == [tuple(maps.shape[1:])]
+    assert torch.allclose(served, eager, atol=1e-4), (served - eager).abs().max()
+    assert torch.allclose(one[0], served[0], atol=1e-5)
+    assert model.train().image_encoder.region_features(features[:1], maps[:1]).requires_grad
+
+
 def test_tail_needs_trunk_maps():
     model = CHAN(ModelConfig(tail_start=14))
     try:
