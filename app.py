@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a model shown beside the main one in the search tab, e.g. runs/global-bert.safetensors; "
                         f"repeat for several (default: the SCAN twin, {DEFAULT_COMPARISON.relative_to(ROOT)}, if present)")
     p.add_argument("--no-compare", action="store_true", help="serve the main model alone")
-    add_detector_precision_override(p, note=" and a little lower accuracy; the compared models read the same regions")
+    add_detector_precision_override(p, note=" and a little lower accuracy; the compared models read the same regions",
+                                    auto=True)
     add_qdrant_options(p, where=" (a collection pushed by `python -m chan index`; caption ranking and the "
                                 "inspector still run here)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")

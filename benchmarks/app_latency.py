@@ -1,6 +1,6 @@
 """Server-side latency of the demo's actions on the default gallery; prints a table, writes JSON.
 
-python benchmarks/app_latency.py [--checkpoint PATH] [--gallery DIR] [--detector-precision int8] [--repeats N]
+python benchmarks/app_latency.py [--checkpoint PATH] [--gallery DIR] [--detector-precision fp32|int8|auto] [--repeats N]
                                 [--json FILE]
 Each figure is the median of N runs after one warm-up. The warm start is the time to open the
 dataset and load the cached gallery index (run once before so that the cache exists).
@@ -40,7 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY)
-    add_detector_precision_override(p)  # as app.py takes it
+    add_detector_precision_override(p, auto=True)  # as app.py takes it
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", type=Path, default=Path("benchmarks/app_latency.json"))
     args = p.parse_args()

@@ -42,13 +42,17 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
                         "other proposals (default: %(default)s)")
 
 
-def add_detector_precision_override(p: argparse.ArgumentParser, note: str = "") -> None:
-    """Read a checkpoint on its regions made with another detector precision (another region cache)."""
+def add_detector_precision_override(p: argparse.ArgumentParser, note: str = "", auto: bool = False) -> None:
+    """Read a checkpoint on its regions made with another detector precision (another region cache); with `auto`,
+    the choice `auto` is offered and is the default."""
     from .region_settings import DETECTOR_PRECISIONS
 
-    p.add_argument("--detector-precision", choices=DETECTOR_PRECISIONS, default=None,
+    default = ("the checkpoint's" if not auto else
+               "auto: int8 where the regions are extracted on a CPU with VNNI, else the checkpoint's")
+    choices = DETECTOR_PRECISIONS + (("auto",) if auto else ())
+    p.add_argument("--detector-precision", choices=choices, default="auto" if auto else None,
                    help="extract the regions with this detector precision instead of the checkpoint's: int8 is faster "
-                        f"where the CPU has VNNI, at the cost of other proposals{note} (default: the checkpoint's)")
+                        f"where the CPU has VNNI, at the cost of other proposals{note} (default: {default})")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,17 @@ def bf16_pays(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+@lru_cache
+def int8_pays() -> bool:
+    """Whether this CPU multiplies int8 natively (VNNI: AVX-512 VNNI, AVX-VNNI or AMX), where ONNX Runtime's int8
+    convolutions are fast and exact; elsewhere (AVX2 only) they may saturate. Read from /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def autocast(device: torch.device, precision: str = "auto"):

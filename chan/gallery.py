@@ -66,7 +66,8 @@ class Gallery:
     def __init__(self, checkpoint: Path, dataset: Dataset, progress: bool = True, index_now: bool = True,
                  device: torch.device | str = "cpu", detector_precision: str | None = None):
         self.model, settings, self.info = load_checkpoint(checkpoint)
-        self.settings = with_detector_precision(settings, detector_precision)  # None: the checkpoint's regions
+        self.settings = with_detector_precision(settings, detector_precision, device)  # None: the checkpoint's regions
+        self.trained_settings = settings
         self.other_regions = self.settings != settings
         self.device = torch.device(device)
         self.model.to(self.device)
@@ -358,6 +359,8 @@ class Gallery:
                 f"{self.model.config.text_encoder} + {self.model.config.similarity} alignment"
                 + (f" · dev RSUM {dev['rsum']:.1f}" if "rsum" in dev else "")
                 + (f" · imported from {info['imported_from']}" if "imported_from" in info else "")
+                + (f" · regions by the {self.settings.detector_precision} detector (trained on "
+                   f"{self.trained_settings.detector_precision})" if self.other_regions else "")
                 + (" · bottom-up-attention TSV features and boxes" if self.dataset.layout == "butd-tsv"
                    else " · precomputed region features: no photo files, regions named by index" if self.precomputed
                    else ""))

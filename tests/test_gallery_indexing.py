@@ -164,3 +164,4 @@ def test_a_gallery_with_another_detector_precision_keeps_an_index_of_its_own(gal
     int8 = Gallery(DEFAULT_CHECKPOINT, gallery.dataset, progress=False, index_now=False, detector_precision="int8")
     assert same.cache_path == own.cache_path != int8.cache_path
     assert int8.settings == replace(own.settings, detector_precision="int8") and int8.other_regions
+    assert "regions by the int8 detector (trained on fp32)" in int8.describe() and "detector" not in own.describe()

@@ -208,3 +208,19 @@ def test_a_checkpoint_read_with_another_detector_precision_gets_other_region_set
     assert with_detector_precision(PrecomputedSettings(), None) == PrecomputedSettings()
     with pytest.raises(CheckpointError, match="no detector"):
         with_detector_precision(PrecomputedSettings(), "int8")
+
+
+def test_auto_detector_precision_takes_int8_only_on_a_cpu_that_multiplies_int8_natively(monkeypatch):
+    """`auto` (the demo's default): int8 for regions extracted on a CPU with VNNI; the checkpoint's own regions on
+    another CPU, on a GPU (whose runtime has no int8 detector) and for precomputed features."""
+    import chan.checkpoint
+    from chan.checkpoint import with_detector_precision
+    from chan.region_settings import PrecomputedSettings, RegionSettings
+
+    settings = RegionSettings(tail_start=12)
+    monkeypatch.setattr(chan.checkpoint, "int8_pays", lambda: True)
+    assert with_detector_precision(settings, "auto") == replace(settings, detector_precision="int8")
+    assert with_detector_precision(settings, "auto", "cuda") is settings
+    assert with_detector_precision(PrecomputedSettings(), "auto") == PrecomputedSettings()
+    monkeypatch.setattr(chan.checkpoint, "int8_pays", lambda: False)
+    assert with_detector_precision(settings, "auto") is settings
