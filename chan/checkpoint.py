@@ -53,7 +53,7 @@ def read_metadata(path: Path) -> dict:
 def with_detector_precision(settings: RegionSettings | PrecomputedSettings, precision: str | None,
                             device: torch.device | str = "cpu") -> RegionSettings | PrecomputedSettings:
     """A checkpoint's region settings with their detector in another precision (None: as they are). `auto`: int8
-    where it is fast and exact (regions extracted on a CPU with VNNI, `chan.device.int8_pays`), else as they are."""
+    where it is fast and safe (regions extracted on a CPU with VNNI, `chan.device.int8_pays`), else as they are."""
     if precision == "auto":
         cpu = torch.device(device).type == "cpu"
         precision = "int8" if isinstance(settings, RegionSettings) and cpu and int8_pays() else None

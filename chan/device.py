@@ -51,7 +51,7 @@ def bf16_pays(device: torch.device) -> bool:
 @lru_cache
 def int8_pays() -> bool:
     """Whether this CPU multiplies int8 natively (VNNI: AVX-512 VNNI, AVX-VNNI or AMX), where ONNX Runtime's int8
-    convolutions are fast and exact; elsewhere (AVX2 only) they may saturate. Read from /proc/cpuinfo (Linux)."""
+    convolutions are fast and never saturate; elsewhere (AVX2 only) they may saturate. Read from /proc/cpuinfo (Linux)."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
