@@ -68,7 +68,6 @@ class Gallery:
         self.model, settings, self.info = load_checkpoint(checkpoint)
         self.settings = with_detector_precision(settings, detector_precision, device)  # None: the checkpoint's regions
         self.trained_settings = settings
-        self.other_regions = self.settings != settings
         self.device = torch.device(device)
         self.model.to(self.device)
         self.model.serve_with_onnx()  # on the CPU: queries and captions encoded, and photos scored, by ONNX Runtime
@@ -111,6 +110,11 @@ class Gallery:
     @property
     def label(self) -> str:
         return model_label(self.model.config.similarity, self.name)
+
+    @property
+    def other_regions(self) -> bool:
+        """Whether the checkpoint is read on regions other than those it was trained on (another detector precision)."""
+        return self.settings != self.trained_settings
 
     def _index_key(self, checkpoint: Path) -> str:
         """What the index is computed from: the checkpoint's bytes, each photo file's content, the captions."""
