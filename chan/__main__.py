@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .backbone import BACKBONES
 from .data import DEFAULT_DATA
 from .device import add_device_option, resolve_device
 from .distributed import join
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proposals", choices=["objectness", "legacy"], default="objectness",
                    help="objectness: detector boxes at several sizes ranked by objectness, no whole-photo region; "
                         "legacy: the whole photo, up to 20 confident detections and grid cells (default: %(default)s)")
-    p.add_argument("--backbone", default="efficientnet-lite0", choices=["efficientnet-lite0", "efficientnet-lite2"])
+    p.add_argument("--backbone", default="efficientnet-lite0", choices=BACKBONES)
     p.add_argument("--image-size", type=int, default=320, help="backbone input side in pixels (default: %(default)s)")
     add_detector_options(p)
     p.add_argument("--batch-size", type=int, default=4, help="photos per batch (default: %(default)s)")
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-from", type=int, default=d.tune_from, metavar="BLOCK",
                    help="with --tune-backbone, the first tuned backbone block; the cache keeps its input map, so "
                         "another block means another feature cache (default: %(default)s)")
+    p.add_argument("--backbone", default=d.backbone, choices=BACKBONES,
+                   help="with proposals, the ImageNet EfficientNet-Lite under the regions; another backbone means "
+                        "another feature cache, and its blocks are numbered its own way (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=d.image_size,
                    help="with proposals, the backbone's input side in pixels (default: %(default)s)")
     add_detector_options(p)

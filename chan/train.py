@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     regions: str = "proposals"  # proposals: objectness-ranked boxes, no whole photo; legacy: whole photo + grid + detections
     tune_backbone: bool = True  # tune the backbone's tail on cached trunk maps (needs the proposals regions)
+    backbone: str = RegionSettings.backbone  # proposals: the EfficientNet-Lite whose maps the regions pool
     tune_from: int = RegionSettings.tail_start  # the tail's first block: its input map is what the cache keeps
     image_size: int = RegionSettings.image_size  # proposals: the backbone's input side
     detector_sizing: str = RegionSettings.detector_sizing  # proposals: fixed sizes, or one from the photo's size
@@ -241,7 +242,8 @@ def train(c: TrainConfig) -> dict:
         keep = {p.id for p in train_set.photos[: c.max_photos]}
         train_set.photos = [p for p in train_set.photos if p.id in keep]
         train_set.captions = [x for x in train_set.captions if x.photo_id in keep]
-    settings = (RegionSettings(tail_start=c.tune_from, image_size=c.image_size, detector_sizing=c.detector_sizing,
+    settings = (RegionSettings(backbone=c.backbone, tail_start=c.tune_from, image_size=c.image_size,
+                               detector_sizing=c.detector_sizing,
                                detector_sizes=tuple(c.detector_sizes), detector_precision=c.detector_precision)
                 if c.regions == "proposals" else LEGACY_SETTINGS)
     if c.tune_backbone and not settings.tail_start:

@@ -90,6 +90,8 @@ def test_a_warm_start_may_tune_more_backbone_blocks(trained, tmp_path, flickr8k)
         _warm_start(CHAN(replace(checkpoint.config, tail_start=15)), replace(settings, tail_start=15), init)
     with pytest.raises(ValueError, match="--tune-from 16: efficientnet-lite0 has blocks 0-15"):
         train(TrainConfig(data=data, out=tmp_path / "late.safetensors", tune_from=16))
+    with pytest.raises(ValueError, match="--tune-from 21: efficientnet-lite2 has blocks 0-20"):  # blocks of its own
+        train(TrainConfig(data=data, out=tmp_path / "late.safetensors", backbone="efficientnet-lite2", tune_from=21))
 
 
 def test_a_global_term_is_trained_in_and_kept(trained, small_flickr, tmp_path):
