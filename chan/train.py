@@ -243,8 +243,8 @@ def train(c: TrainConfig) -> dict:
         train_set.photos = [p for p in train_set.photos if p.id in keep]
         train_set.captions = [x for x in train_set.captions if x.photo_id in keep]
     settings = (RegionSettings(backbone=c.backbone, tail_start=c.tune_from, image_size=c.image_size,
-                               detector_sizing=c.detector_sizing,
-                               detector_sizes=tuple(c.detector_sizes), detector_precision=c.detector_precision)
+                               detector_sizing=c.detector_sizing, detector_sizes=tuple(c.detector_sizes),
+                               detector_precision=c.detector_precision)
                 if c.regions == "proposals" else LEGACY_SETTINGS)
     if c.tune_backbone and not settings.tail_start:
         raise ValueError(f"--tune-backbone needs regions that keep the backbone's trunk maps; {c.regions!r} regions do not")
