@@ -196,6 +196,7 @@ def table_command(rows: list[str], data: Path, split: str | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import DEFAULT_CHECKPOINT
     from .gallery import DEFAULT_GALLERY
+    from .region_settings import RegionSettings
     from .search import add_qdrant_options, positive_count
     from .train import TrainConfig
 
@@ -214,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proposals", choices=["objectness", "legacy"], default="objectness",
                    help="objectness: detector boxes at several sizes ranked by objectness, no whole-photo region; "
                         "legacy: the whole photo, up to 20 confident detections and grid cells (default: %(default)s)")
-    p.add_argument("--backbone", default="efficientnet-lite0", choices=BACKBONES)
-    p.add_argument("--image-size", type=int, default=320, help="backbone input side in pixels (default: %(default)s)")
+    p.add_argument("--backbone", default=RegionSettings.backbone, choices=BACKBONES)
+    p.add_argument("--image-size", type=int, default=RegionSettings.image_size,
+                   help="backbone input side in pixels (default: %(default)s)")
     add_detector_options(p)
     p.add_argument("--batch-size", type=int, default=4, help="photos per batch (default: %(default)s)")
     add_device_option(p)
