@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, read_metadata, with_detector_precision
@@ -317,17 +318,21 @@ class Gallery:
         try:
             key = tuple(photo_stat(photo))
         except OSError:  # missing or unreadable: load_photo says so in the user's terms
-            return self.extractor([load_photo(photo)])[0]
+            return self._extract(load_photo(photo))
         with self._uploads_lock:
             if key in self._uploads:
                 self._uploads.move_to_end(key)
                 return self._uploads[key]
-        regions = self.extractor([load_photo(photo)])[0]
+        regions = self._extract(load_photo(photo))
         with self._uploads_lock:
             self._uploads[key] = regions
             while len(self._uploads) > UPLOADS_REMEMBERED:
                 self._uploads.popitem(last=False)
         return regions
+
+    def _extract(self, photo: Image.Image) -> Regions:
+        """An upload's regions, as only this model reads them: one that tunes the tail skips the frozen one."""
+        return self.extractor([photo], frozen_features=not self.model.config.tail_start)[0]
 
     def rank_captions(self, regions: Regions, own: list[str] | None = None, photo_id: str | None = None,
                       limit: int = 20) -> list[RankedCaption]:

@@ -87,17 +87,15 @@ def _timed(into: dict[str, float], name: str):
     into[name] = into.get(name, 0.0) + time.perf_counter() - start
 
 
-class _FeatureNet(nn.Module):
-    """The backbone as extraction runs it: images in [-1, 1] -> (trunk output map, tail output map)."""
+class _Trunk(nn.Module):
+    """The backbone's frozen trunk as extraction runs it: images in [-1, 1] -> the tail's input map."""
 
     def __init__(self, backbone: nn.Module, split: int):
         super().__init__()
         self.backbone, self.split = backbone, split
-        self.tail = BackboneTail(backbone, split)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stage = run_trunk(self.backbone, images, self.split)
-        return stage, self.tail(stage)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return run_trunk(self.backbone, images, self.split)
 
 
 class RegionExtractor:
@@ -123,12 +121,17 @@ class RegionExtractor:
         self.detector = YoloV3Tiny(conf=settings.detector_conf, iou=settings.detector_iou).to(self.device)
         self.backbone = load_backbone(settings.backbone).to(self.device)
         self.split = settings.tail_start or len(self.backbone._blocks)
-        self.features = _FeatureNet(self.backbone, self.split).eval()
+        self.trunk = _Trunk(self.backbone, self.split).eval()
+        self.tail = BackboneTail(self.backbone, self.split).eval()  # the frozen one: its map gives the stored features
         if runtime == "onnx":
             sizes = [self.detector.input_size] if settings.proposals == "detections" else settings.all_detector_sizes()
             self.detector.use_onnx_runtime(sizes, int8=settings.detector_precision == "int8")
             example = torch.zeros(1, 3, settings.image_size, settings.image_size)
-            self.features = OnnxModule(self.features, example, f"{settings.backbone}-{settings.image_size}-{self.split}")
+            with torch.no_grad():
+                stage_example = self.trunk(example)
+            name = f"{settings.backbone}-{settings.image_size}-{self.split}"
+            self.trunk = OnnxModule(self.trunk, example, f"{name}-trunk")
+            self.tail = OnnxModule(self.tail, stage_example, f"{name}-tail")
         self.stage_seconds: dict[str, float] | None = None  # set to {} to have each stage's time summed into it
 
     def _stage(self, name: str):
@@ -176,17 +179,30 @@ class RegionExtractor:
                 out.append((boxes[keep].cpu(), (objectness * class_prob)[keep].cpu(), classes[keep].cpu()))
         return out
 
+    @staticmethod
+    def _run(module, x: torch.Tensor) -> torch.Tensor:
+        out = module(x)
+        return out[0] if isinstance(out, list) else out  # an OnnxModule returns its outputs as a list
+
     @torch.no_grad()
-    def __call__(self, photos: list[Image.Image]) -> list[Regions]:
-        """Regions of each RGB photo (use `chan.photos.load_photo` to open files)."""
+    def __call__(self, photos: list[Image.Image], frozen_features: bool = True) -> list[Regions]:
+        """Regions of each RGB photo (use `chan.photos.load_photo` to open files).
+
+        `frozen_features=False` skips the frozen tail, about half the backbone's time: the features' backbone
+        channels stay zero and grid cells unlabelled. Only for a model that tunes the tail, which recomputes them
+        from `stage_map` (the demo's uploads).
+        """
         s = self.settings
+        if not frozen_features and not s.tail_start:
+            raise ValueError("frozen_features=False needs settings that keep the trunk map (tail_start)")
         if not photos:
             return []
         detections = self._detections(photos)
         with self._stage("resize"):
             net_in = torch.stack([self._tensor(p, s.image_size) for p in photos])
         with self._stage("backbone"):
-            stage, fmap = self.features(((net_in - 0.5) / 0.5).to(self.device))
+            stage = self._run(self.trunk, ((net_in - 0.5) / 0.5).to(self.device))
+            fmap = self._run(self.tail, stage) if frozen_features else None
 
         unit_boxes = []
         for boxes, _, _ in detections:
@@ -194,11 +210,16 @@ class RegionExtractor:
             rest = s.num_regions - len(whole) - len(boxes)
             unit_boxes.append(torch.tensor(whole + boxes.tolist() + grid_boxes(1, 1, rest), dtype=torch.float32))
         unit_boxes = torch.stack(unit_boxes)
-        with self._stage("roi_align"):
-            pooled = pool_regions(fmap, unit_boxes.to(fmap.device), s.roi_size)
-        with self._stage("classify"):  # ImageNet labels for the grid cells
-            probs = self.backbone._fc(pooled.to(self.device)).softmax(-1).cpu()
-        pooled, stage = pooled.cpu(), stage.cpu()
+        if frozen_features:
+            with self._stage("roi_align"):
+                pooled = pool_regions(fmap, unit_boxes.to(fmap.device), s.roi_size)
+            with self._stage("classify"):  # ImageNet labels for the grid cells
+                probs = self.backbone._fc(pooled.to(self.device)).softmax(-1).cpu()
+            pooled = pooled.cpu()
+        else:
+            pooled = torch.zeros(len(photos), s.num_regions, BACKBONE_CHANNELS)
+            probs = torch.zeros(len(photos), s.num_regions, 1)  # grid cells: score 0, no label
+        stage = stage.cpu()
         n_coco = len(self.detector.class_names)
 
         out = []
@@ -212,11 +233,12 @@ class RegionExtractor:
             area = ((norm[:, 2] - norm[:, 0]) * (norm[:, 3] - norm[:, 1]))[:, None]
             detected = np.zeros(s.num_regions, dtype=bool)
             detected[first : first + n_det] = True
+            labels = [self.label_names[j] if frozen_features or d else "" for j, d in zip(label_idx.tolist(), detected)]
             out.append(
                 Regions(
                     boxes=(norm * torch.tensor([W, H, W, H])).numpy(),
                     features=torch.cat([pooled[i], norm, area], 1).numpy(),
-                    labels=[self.label_names[j] for j in label_idx.tolist()],
+                    labels=labels,
                     scores=score.numpy().astype(np.float32),
                     detected=detected,
                     stage_map=stage[i].half().numpy() if s.tail_start else None,

@@ -107,9 +107,11 @@ def test_an_uploaded_photo_is_extracted_once_per_content(gallery, tmp_path, monk
     third.write_bytes(gallery.photo_path(gallery.photos[2].id).read_bytes())
     calls = []
     extractor = gallery.extractor
-    monkeypatch.setattr(type(gallery), "extractor", property(lambda self: lambda images: calls.append(1) or extractor(images)))
+    monkeypatch.setattr(type(gallery), "extractor",
+                        property(lambda self: lambda images, **kw: calls.append(kw) or extractor(images, **kw)))
     a = gallery.photo_regions(first)
     assert gallery.photo_regions(copy) is a and len(calls) == 1
+    assert calls[0] == {"frozen_features": False}  # the default model tunes the tail: the frozen one is skipped
     assert gallery.photo_regions(other) is not a and len(calls) == 2
     monkeypatch.setattr(gallery_module, "UPLOADS_REMEMBERED", 1)  # the oldest upload is forgotten past the bound
     gallery.photo_regions(third)
@@ -118,6 +120,29 @@ def test_an_uploaded_photo_is_extracted_once_per_content(gallery, tmp_path, monk
     assert len(calls) == 4
     with pytest.raises(PhotoError, match="no such file"):
         gallery.photo_regions(tmp_path / "missing.jpg")
+
+
+def test_an_upload_without_the_frozen_tail_is_embedded_as_with_it(gallery):
+    """A model that tunes the tail recomputes region features from the trunk map: skipping the extractor's frozen
+    tail (as uploads do) changes no embedding, only leaves the stored backbone channels and grid labels empty."""
+    import numpy as np
+    import torch
+
+    from chan.backbone import BACKBONE_CHANNELS
+    from chan.pair import region_embeddings
+    from chan.photos import load_photo
+
+    photo = load_photo(gallery.photo_path(gallery.photos[3].id))
+    full = gallery.extractor([photo])[0]
+    light = gallery.extractor([photo], frozen_features=False)[0]
+    assert full.features[:, :BACKBONE_CHANNELS].any() and not light.features[:, :BACKBONE_CHANNELS].any()
+    np.testing.assert_array_equal(light.features[:, BACKBONE_CHANNELS:], full.features[:, BACKBONE_CHANNELS:])
+    np.testing.assert_array_equal(light.stage_map, full.stage_map)
+    np.testing.assert_array_equal(light.boxes, full.boxes)
+    assert [x for x, d in zip(light.labels, light.detected) if d] == [x for x, d in zip(full.labels, full.detected) if d]
+    assert all(x == "" for x, d in zip(light.labels, light.detected) if not d)
+    with torch.no_grad():
+        assert torch.allclose(region_embeddings(gallery.model, light), region_embeddings(gallery.model, full), atol=1e-6)
 
 
 @pytest.mark.parametrize("similarity,global_weight", [("hard", 0.0), ("soft", 0.0), ("global", 0.0), ("hard", 0.3)])

@@ -85,6 +85,8 @@ def test_legacy_regions_put_the_whole_photo_first(test_split):
         W, H = photo.size
         assert np.allclose(r.boxes[0], [0, 0, W, H]) and not r.detected[0]
         assert r.detected.sum() <= 20 and r.stage_map is None
+    with pytest.raises(ValueError, match="tail_start"):  # no trunk map kept: the frozen tail cannot be skipped
+        RegionExtractor(LEGACY_SETTINGS)(photos, frozen_features=False)
 
 
 def test_settings_keys_written_before_the_proposals_read_as_legacy():
