@@ -20,7 +20,7 @@ from .region_settings import PrecomputedSettings, RegionSettings, settings_from_
 FORMAT = "chan-checkpoint-1"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "chan-bert-flickr8k.safetensors"
 # the default checkpoint's SCAN twin: the same regions and recipe, soft attention (the demo's comparison)
-DEFAULT_COMPARISON = Path(__file__).resolve().parents[1] / "runs" / "scan-lite2-tail15.safetensors"
+DEFAULT_COMPARISON = Path(__file__).resolve().parents[1] / "runs" / "scan-lite2-text6.safetensors"
 
 
 class CheckpointError(store.StoreError):
