@@ -40,8 +40,7 @@ def plot_dev_rsum(arms: list[tuple[str, Path]], path: Path) -> None:
     ax.set(xlabel="epoch", ylabel="dev RSUM (Flickr8k, 1,000 photos)", title="Region study: dev RSUM per epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: many arms
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes (tight_layout would shrink them)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
