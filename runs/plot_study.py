@@ -63,8 +63,7 @@ def plot_locality(files: list[tuple[str, Path]], path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.set(xlabel="share of content words (each caption with its own photo)", title="Where words hard-align")
-    ax.legend(ncol=3, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.12))
-    fig.tight_layout()
+    ax.legend(ncol=3, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.12))  # tight_layout would shrink the bars
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
