@@ -28,6 +28,16 @@ def detector_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def weight_list(text: str) -> list[float]:
+    """argparse type: comma-separated global-term weights, checked as the sweep checks them."""
+    from .global_weight import check_weights
+
+    try:
+        return check_weights([float(w) for w in text.split(",")])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: weights separated by commas, e.g. 0,0.1,0.2 ({e})") from None
+
+
 def add_detector_options(p: argparse.ArgumentParser) -> None:
     """The objectness proposals' detector passes (ignored by the legacy regions)."""
     from .region_settings import DETECTOR_PRECISIONS, DETECTOR_SIZINGS, RegionSettings
@@ -104,6 +114,12 @@ def _cmd_search(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     evaluate_command(args.checkpoint, args.data, args.split, args.json, args.similarity, resolve_device(args.device),
                      args.global_weight, args.detector_precision)
+
+
+def _cmd_global_weight(args: argparse.Namespace) -> None:
+    from .global_weight import global_weight_command
+
+    global_weight_command(args.checkpoint, args.out, args.data, args.split, args.weights, resolve_device(args.device))
 
 
 def _cmd_alignments(args: argparse.Namespace) -> None:
@@ -196,6 +212,7 @@ def table_command(rows: list[str], data: Path, split: str | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import DEFAULT_CHECKPOINT
     from .gallery import DEFAULT_GALLERY
+    from .global_weight import DEFAULT_WEIGHTS
     from .region_settings import RegionSettings
     from .search import add_qdrant_options, positive_count
     from .train import TrainConfig
@@ -326,6 +343,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_detector_precision_override(p)
     add_device_option(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("global-weight", help="choose the global term's serving weight on dev; write a checkpoint scoring with it",
+                       description="Score the split once, then rank with the similarity plus w x the global term "
+                                   "(the cosine of the mean region and the mean word) for each w, print the table, "
+                                   "and write a copy of the checkpoint that scores with the w of the highest RSUM "
+                                   "(the same tensors; its info keeps the trained weight and the sweep). Words align "
+                                   "to the same regions whatever w. Refuses the test split.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the trained checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="the reweighted checkpoint to write")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: %(default)s)")
+    p.add_argument("--split", default="dev", help="the split the weight is chosen on (default: %(default)s)")
+    p.add_argument("--weights", type=weight_list, default=list(DEFAULT_WEIGHTS), metavar="W,W",
+                   help="the weights tried (default: " + ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS) + ")")
+    add_device_option(p)
+    p.set_defaults(func=_cmd_global_weight)
 
     p = sub.add_parser("alignments", help="where words hard-align: whole photo, detections or grid cells, over a split",
                        description="Pair every caption of the split with its own photo, and report where its words "

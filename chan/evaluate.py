@@ -30,20 +30,27 @@ def protocol_pairs(dataset: Dataset) -> tuple[list[str], list[str], torch.Tensor
 
 
 @torch.no_grad()
+def split_score_parts(model: CHAN, dataset: Dataset, table: RegionTable,
+                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every caption of `dataset` against every photo: the model's scores (N, M), the global term alone (N, M: the
+    cosine of the mean region and the mean word embedding) and each caption's photo index; one encoding for both."""
+    model.eval()
+    ids, texts, owner = protocol_pairs(dataset)
+    images = encode_table(model, table, ids)
+    captions = encode_captions(model, texts, progress=progress)
+    scores = model.scores(images.embeddings, images.mask, captions.embeddings, captions.mask)
+    term = global_scores(images.embeddings, images.mask, captions.embeddings, captions.mask)
+    return scores.cpu(), term.cpu(), owner
+
+
 def split_scores(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool = False,
                  global_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Every caption of `dataset` against every photo: scores (N, M) and each caption's photo index.
 
     `global_weight` w adds w x the cosine of the mean region and the mean word embedding (a global term
     beside the model's own score, read without retraining)."""
-    model.eval()
-    ids, texts, owner = protocol_pairs(dataset)
-    images = encode_table(model, table, ids)
-    captions = encode_captions(model, texts, progress=progress)
-    scores = model.scores(images.embeddings, images.mask, captions.embeddings, captions.mask)
-    if global_weight:
-        scores = scores + global_weight * global_scores(images.embeddings, images.mask, captions.embeddings, captions.mask)
-    return scores.cpu(), owner
+    scores, term, owner = split_score_parts(model, dataset, table, progress)
+    return (scores + global_weight * term if global_weight else scores), owner
 
 
 def evaluate(model: CHAN, dataset: Dataset, table: RegionTable, progress: bool = False) -> dict[str, float]:

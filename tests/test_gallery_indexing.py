@@ -69,11 +69,19 @@ def test_rank_change_marks():
 
 
 def test_the_default_comparison_is_the_default_checkpoints_scan_twin():
-    """Trained the same way but for the similarity, on the same region settings: one extraction serves both."""
+    """Trained the same way but for the similarity, on the same region settings: one extraction serves both. Each
+    scores with the global term's weight chosen on dev by the same sweep, from the same trained weight."""
     main, twin = read_metadata(DEFAULT_CHECKPOINT), read_metadata(DEFAULT_COMPARISON)
     assert twin["regions"] == main["regions"]
     differing = {k for k in main["config"].keys() | twin["config"].keys() if main["config"].get(k) != twin["config"].get(k)}
-    assert differing == {"similarity"} and twin["config"]["similarity"] == "soft"
+    assert differing <= {"similarity", "global_weight"} and twin["config"]["similarity"] == "soft"
+    trained = {k: v for k, v in main["info"]["train"].items() if k not in ("similarity", "out")}
+    assert trained == {k: v for k, v in twin["info"]["train"].items() if k not in ("similarity", "out")}
+    for meta in (main, twin):
+        choice = meta["info"]["global_weight_choice"]
+        assert choice["trained_with"] == float(trained["global_weight"]) and choice["chosen_on"] == "dev"
+        assert meta["config"]["global_weight"] == choice["chosen"]
+        assert choice["rsum_by_weight"].keys() == main["info"]["global_weight_choice"]["rsum_by_weight"].keys()
 
 
 def test_a_second_model_is_compared_side_by_side(gallery):

@@ -7,7 +7,7 @@ import torch
 from chan.__main__ import evaluate_command, table_command
 from chan.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from chan.data import open_dataset
-from chan.evaluate import evaluate, split_scores
+from chan.evaluate import evaluate, split_score_parts, split_scores
 from chan.features import table_for
 from chan.metrics import recall_metrics
 from chan.model import CHAN, ModelConfig
@@ -226,3 +226,45 @@ def test_auto_detector_precision_takes_int8_only_on_a_cpu_that_multiplies_int8_n
     assert with_detector_precision(PrecomputedSettings(), "auto") == PrecomputedSettings()
     monkeypatch.setattr(chan.checkpoint, "int8_pays", lambda: False)
     assert with_detector_precision(settings, "auto") is settings
+
+
+def test_the_global_weight_is_chosen_on_dev_and_written_into_a_copy(trained, small_flickr, tmp_path, capsys):
+    """The sweep's metrics are those of scoring at each weight; the copy keeps the tensors and scores with the best."""
+    from safetensors.torch import load_file
+
+    from chan.global_weight import global_weight_command, sweep
+
+    source, _ = trained
+    model, settings, _ = load_checkpoint(source)
+    dataset = open_dataset(small_flickr)
+    dev, table = dataset.split("dev"), table_for(dataset, settings)
+    scores, owner = split_scores(model, dev, table)
+    same, term, _ = split_score_parts(model, dev, table)
+    assert torch.equal(scores, same)
+    swept = sweep(scores, term, owner, model.config.global_weight, [0.0, 0.5, 3.0])
+    for w in (0.5, 3.0):
+        assert swept[w] == recall_metrics(*split_scores(model, dev, table, global_weight=w))
+    assert swept[0.5] != swept[3.0]  # the weight changes the ranking
+
+    out = tmp_path / "served.safetensors"
+    chosen = global_weight_command(source, out, small_flickr, "dev", [0.0, 0.5, 3.0])
+    assert "(chosen)" in capsys.readouterr().out
+    served, served_settings, info = load_checkpoint(out)
+    assert served.config.global_weight == chosen and served_settings == settings
+    assert info["dev"]["rsum"] == max(m["rsum"] for m in swept.values()) == swept[chosen]["rsum"]
+    assert info["global_weight_choice"]["trained_with"] == 0.0 and info["epoch"] == read_metadata(source)["info"]["epoch"]
+    assert evaluate(served, dev, table)["rsum"] == pytest.approx(info["dev"]["rsum"], abs=1.0)
+    assert all(torch.equal(v, load_file(source)[k]) for k, v in load_file(out).items())
+
+
+def test_the_global_weight_is_never_chosen_on_test_nor_written_over_its_source(trained, small_flickr, tmp_path):
+    from chan.global_weight import best_weight, global_weight_command
+
+    with pytest.raises(ValueError, match="chosen on dev"):
+        global_weight_command(trained[0], tmp_path / "x.safetensors", small_flickr, "test", [0.1])
+    with pytest.raises(ValueError, match="checkpoint it reads"):
+        global_weight_command(trained[0], trained[0], small_flickr, "dev", [0.1])
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        global_weight_command(trained[0], tmp_path / "x.safetensors", small_flickr, "dev", [-1.0])
+    tie = {0.0: {"rsum": 300.0}, 0.2: {"rsum": 301.0}, 0.4: {"rsum": 301.0}}
+    assert best_weight(tie, 0.35) == 0.4 and best_weight(tie, 0.05) == 0.2
