@@ -254,7 +254,8 @@ def test_the_global_weight_is_chosen_on_dev_and_written_into_a_copy(trained, sma
     assert info["dev"]["rsum"] == max(m["rsum"] for m in swept.values()) == swept[chosen]["rsum"]
     assert info["global_weight_choice"]["trained_with"] == 0.0 and info["epoch"] == read_metadata(source)["info"]["epoch"]
     assert evaluate(served, dev, table)["rsum"] == pytest.approx(info["dev"]["rsum"], abs=1.0)
-    assert all(torch.equal(v, load_file(source)[k]) for k, v in load_file(out).items())
+    kept, written = load_file(source), load_file(out)
+    assert kept.keys() == written.keys() and all(torch.equal(v, kept[k]) for k, v in written.items())
 
 
 def test_the_global_weight_is_never_chosen_on_test_nor_written_over_its_source(trained, small_flickr, tmp_path):
