@@ -190,7 +190,7 @@ def table_command(rows: list[str], data: Path, split: str | None) -> str:
 
     from .checkpoint import read_metadata
     from .evaluate import checkpoint_scores, mean_scores, open_split
-    from .metrics import recall_metrics
+    from .metrics import markdown_cells, recall_metrics
 
     dataset, split = open_split(data, split)
     scores_of = cache(lambda resolved: checkpoint_scores(resolved, dataset))
@@ -200,10 +200,9 @@ def table_command(rows: list[str], data: Path, split: str | None) -> str:
         paths = [Path(p) for p in row.split("+")]
         configs = [read_metadata(p)["config"] for p in paths]
         m = recall_metrics(*mean_scores([scores_of(p.resolve()) for p in paths]))
-        cells = [m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
         similarity = " + ".join(f"{c['similarity']} ({c['pooling']})" for c in configs)
         lines.append(f"| {' + '.join(p.stem for p in paths)} | {similarity} | {' + '.join(c['text_encoder'] for c in configs)} | "
-                     + " | ".join(f"{c:.1f}" for c in cells) + f" | {m['rsum']:.1f} |")
+                     + markdown_cells(m) + " |")
     table = "\n".join(lines)
     print(table)
     return table

@@ -42,6 +42,14 @@ def save_checkpoint(model: CHAN, region_settings: RegionSettings | PrecomputedSe
     store.write(path, tensors, meta, FORMAT)
 
 
+def write_copy(path: Path, out: Path, config_changes: dict, info: dict) -> None:
+    """Copy a checkpoint with its tensors as stored (fp16, or an import's fp32), these config fields changed, and
+    another info."""
+    tensors, meta = store.read(path, FORMAT, "CHAN checkpoint", error=CheckpointError)
+    config = {**json.loads(meta["config"]), **config_changes}
+    store.write(out, tensors, {**meta, "config": json.dumps(config), "info": json.dumps(info)}, FORMAT)
+
+
 def _parsed(meta: dict[str, str]) -> dict:
     return {k: json.loads(meta[k]) if k != "regions" else meta[k] for k in ("config", "regions", "base_model", "info")}
 

@@ -7,16 +7,14 @@ checkpoint: its tensors as they were, its config scoring with the chosen w, its 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .checkpoint import FORMAT, CheckpointError, load_checkpoint
+from .checkpoint import load_checkpoint, write_copy
 from .evaluate import open_split, split_score_parts
 from .features import table_for
-from .metrics import format_metrics, recall_metrics
-from .store import read, write
+from .metrics import format_metrics, markdown_cells, recall_metrics
 
 DEFAULT_WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
 MAX_WEIGHTS = 100
@@ -60,16 +58,13 @@ def global_weight_command(checkpoint: Path, out: Path, data: Path, split: str, w
     print(f"{scores.shape[0]} photos, {scores.shape[1]} captions, split {split}; the checkpoint scores with w = {trained:g}")
     print("| w | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |\n|---|---|---|---|---|---|---|---|")
     for w, m in metrics.items():
-        cells = " | ".join(f"{m[f'{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10))
-        print(f"| {w:g}{' (chosen)' if w == chosen else ''} | {cells} | {m['rsum']:.1f} |")
+        print(f"| {w:g}{' (chosen)' if w == chosen else ''} | {markdown_cells(m)} |")
     print(f"chosen w = {chosen:g}: {format_metrics(metrics[chosen])}")
 
-    tensors, meta = read(checkpoint, FORMAT, "CHAN checkpoint", error=CheckpointError)
-    config = {**json.loads(meta["config"]), "global_weight": chosen}
     previous = info.get("global_weight_choice", {})
     info = {**info, "dev": metrics[chosen], "global_weight_choice": {
         "trained_with": previous.get("trained_with", trained), "chosen_on": split, "chosen": chosen,
         "rsum_by_weight": {f"{w:g}": m["rsum"] for w, m in metrics.items()}}}
-    write(out, tensors, {**meta, "config": json.dumps(config), "info": json.dumps(info)}, FORMAT)
+    write_copy(checkpoint, out, {"global_weight": chosen}, info)
     print(f"wrote {out}: scores with w = {chosen:g} (dev RSUM {metrics[chosen]['rsum']:.1f})")
     return chosen

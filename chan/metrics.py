@@ -40,6 +40,11 @@ def fold_metrics(scores: torch.Tensor, caption_image: torch.Tensor, folds: int =
     return {k: sum(m[k] for m in per_fold) / folds for k in per_fold[0]}
 
 
+def markdown_cells(m: dict[str, float]) -> str:
+    """R@1/5/10 both ways and RSUM as the cells of a markdown table row (no outer bars)."""
+    return " | ".join(f"{m[f'{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10)) + f" | {m['rsum']:.1f}"
+
+
 def format_metrics(m: dict[str, float]) -> str:
     return (
         f"i2t R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f} R@10 {m['i2t_r10']:.1f} medr {m['i2t_medr']:.0f} meanr {m['i2t_meanr']:.1f} | "
