@@ -282,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--lr-step", type=int, default=d.lr_step, help="epoch at which lr drops x0.1 (default: %(default)s)")
+    p.add_argument("--loss", choices=["triplet", "infonce"], default=d.loss,
+                   help="triplet: the hinge with hardest negatives (VSE++); infonce: each true pair against every "
+                        "negative of the batch in a softmax, both ways (default: %(default)s)")
     p.add_argument("--margin", type=float, default=d.margin, help="triplet margin (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="infonce: the softmax's temperature on the scores (default: %(default)s)")
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
                    help="epochs summing the loss over all negatives before only the hardest counts (default: %(default)s)")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="joint space D (default: %(default)s)")

@@ -22,7 +22,7 @@ from .device import autocast, bf16_pays
 from .distributed import gather_rows, join
 from .evaluate import evaluate
 from .features import RegionTable, table_for
-from .loss import triplet_loss
+from .loss import contrastive_loss, triplet_loss
 from .metrics import format_metrics
 from .model import CHAN, DEFAULT_BERT, SPECIALS, ModelConfig, tokenize_words
 from .region_settings import LEGACY_SETTINGS, RegionSettings
@@ -43,7 +43,9 @@ class TrainConfig:
     lr: float = 5e-4
     bert_lr_scale: float = 0.1
     lr_step: int = 6
+    loss: str = "triplet"  # triplet: the hinge with hardest negatives (VSE++); infonce: softmax over the batch
     margin: float = 0.2
+    temperature: float = 0.05  # infonce: scores are divided by it
     warmup_epochs: int = 1  # epochs with the sum over all negatives before the hardest negative takes over
     embed_dim: int = 512
     finetune_layers: int = 2
@@ -235,6 +237,10 @@ def train(c: TrainConfig) -> dict:
 
     if c.global_weight < 0:
         raise ValueError(f"--global-weight {c.global_weight}: give a weight of 0 or more")
+    if c.loss not in ("triplet", "infonce"):
+        raise ValueError(f"--loss {c.loss!r}: give triplet or infonce")
+    if not 0 < c.temperature <= 1:
+        raise ValueError(f"--temperature {c.temperature}: give a value in (0, 1]")
     world, device = join(c.device)
     dataset = open_dataset(c.data)
     train_set, dev_set = dataset.split("train"), dataset.split("dev")
@@ -333,7 +339,9 @@ def train(c: TrainConfig) -> dict:
                 regions, words = gather_rows(regions, world, len(idx)), gather_rows(words, world, len(idx))
                 pooled = model.pooled_mask(ids.to(device), kept.to(device))
                 scores = model.scores(regions, region_mask.to(device), words, pooled).float()
-            loss = triplet_loss(scores, rows[:, None] == rows[None, :], c.margin, hardest=epoch >= c.warmup_epochs)
+            same_photo = rows[:, None] == rows[None, :]
+            loss = (contrastive_loss(scores, same_photo, c.temperature) if c.loss == "infonce"
+                    else triplet_loss(scores, same_photo, c.margin, hardest=epoch >= c.warmup_epochs))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], c.grad_clip)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from chan.loss import triplet_loss
+from chan.loss import contrastive_loss, triplet_loss
 from chan.metrics import recall_metrics
 
 S = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.6, 0.2], [0.0, 0.7, 0.3]])
@@ -25,6 +25,34 @@ def test_same_photo_pairs_are_not_negatives():
     shared[1, 0] = shared[0, 1] = True  # pairs 0 and 1 show the same photo
     # row 1 loses its .4 (column 0), column 0 loses .1 (row 1), column 1 loses .1 (row 0)
     assert triplet_loss(S, shared, 0.2, hardest=False).item() == pytest.approx(0.6 + 0.3 + 0.1)
+
+
+def _softmax_cost(logits: list[float], target: int) -> float:
+    """-log softmax(logits)[target], written out."""
+    return -logits[target] + torch.tensor(logits).exp().sum().log().item()
+
+
+def test_infonce_is_cross_entropy_both_ways():
+    t = 0.1
+    rows = sum(_softmax_cost([x / t for x in S[i].tolist()], i) for i in range(3))
+    columns = sum(_softmax_cost([x / t for x in S[:, j].tolist()], j) for j in range(3))
+    assert contrastive_loss(S, NONE_SHARED, t).item() == pytest.approx(rows + columns, rel=1e-5)
+
+
+def test_infonce_leaves_same_photo_pairs_out_of_the_softmax():
+    t = 0.1
+    shared = NONE_SHARED.clone()
+    shared[1, 0] = shared[0, 1] = True  # pairs 0 and 1 show the same photo
+    rows = (_softmax_cost([S[0, 0] / t, S[0, 2] / t], 0) + _softmax_cost([S[1, 1] / t, S[1, 2] / t], 0)
+            + _softmax_cost([x / t for x in S[2].tolist()], 2))
+    columns = (_softmax_cost([S[0, 0] / t, S[2, 0] / t], 0) + _softmax_cost([S[1, 1] / t, S[2, 1] / t], 0)
+               + _softmax_cost([x / t for x in S[:, 2].tolist()], 2))
+    assert contrastive_loss(S, shared, t).item() == pytest.approx(float(rows + columns), rel=1e-5)
+    # a higher true-pair score lowers it; a sharper temperature punishes a negative above the positive more
+    better = S.clone()
+    better[2, 2] = 0.9
+    assert contrastive_loss(better, shared, t) < contrastive_loss(S, shared, t)
+    assert contrastive_loss(S, shared, 0.01) > contrastive_loss(S, shared, t)
 
 
 def test_recall_with_known_ranks():
