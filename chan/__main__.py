@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=d.temperature,
                    help="infonce: the softmax's temperature on the scores (default: %(default)s)")
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
-                   help="epochs summing the loss over all negatives before only the hardest counts (default: %(default)s)")
+                   help="triplet: epochs summing the loss over all negatives before only the hardest counts "
+                        "(default: %(default)s)")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="joint space D (default: %(default)s)")
     p.add_argument("--finetune-layers", type=int, default=d.finetune_layers,
                    help="top BERT layers trained; -1 trains all of them (default: %(default)s)")

@@ -35,6 +35,23 @@ def test_training_raises_dev_rsum(trained, small_flickr):
     assert len(json.loads(out.with_suffix(".history.json").read_text())) == 3
 
 
+def test_the_contrastive_loss_trains_too(small_flickr, tmp_path):
+    """--loss infonce: the same recipe with the batch's softmax learns as the hinge does, and the checkpoint says so."""
+    dataset = open_dataset(small_flickr)
+    torch.manual_seed(0)
+    untrained = CHAN(ModelConfig(feature_dim=RegionSettings().feature_dim))
+    before = evaluate(untrained, dataset.split("dev"), table_for(dataset, RegionSettings()))["rsum"]
+    out = tmp_path / "infonce.safetensors"
+    config = dict(data=small_flickr, out=out, epochs=3, batch_size=64, lr_step=10)
+    result = train(TrainConfig(**config, loss="infonce", temperature=0.05))
+    assert result["best_dev_rsum"] > before + 30, (before, result["best_dev_rsum"])
+    assert read_metadata(out)["info"]["train"]["loss"] == "infonce"
+    with pytest.raises(ValueError, match="--temperature 0"):
+        train(TrainConfig(**config, loss="infonce", temperature=0))
+    with pytest.raises(ValueError, match="give triplet or infonce"):
+        train(TrainConfig(**config, loss="hinge"))
+
+
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, flickr8k, caplog):
     """One epoch, stop, resume for the second: the same epoch-2 weights and metrics as two epochs in one go."""
     data = make_flickr_subset(tmp_path / "data", flickr8k, 40, 20)
