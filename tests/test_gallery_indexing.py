@@ -2,6 +2,7 @@
 and ends equal to a gallery built at once; a second model can be compared side by side."""
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -75,8 +76,11 @@ def test_the_default_comparison_is_the_default_checkpoints_scan_twin():
     assert twin["regions"] == main["regions"]
     differing = {k for k in main["config"].keys() | twin["config"].keys() if main["config"].get(k) != twin["config"].get(k)}
     assert differing <= {"similarity", "global_weight"} and twin["config"]["similarity"] == "soft"
-    trained = {k: v for k, v in main["info"]["train"].items() if k not in ("similarity", "out")}
-    assert trained == {k: v for k, v in twin["info"]["train"].items() if k not in ("similarity", "out")}
+    own = ("similarity", "out", "init")  # a continued run starts from its own model's earlier epochs
+    trained = {k: v for k, v in main["info"]["train"].items() if k not in own}
+    assert trained == {k: v for k, v in twin["info"]["train"].items() if k not in own}
+    main_init, twin_init = (Path(meta["info"]["train"]["init"]).name for meta in (main, twin))
+    assert twin_init == main_init.replace("chan-", "scan-", 1), (main_init, twin_init)
     for meta in (main, twin):
         choice = meta["info"]["global_weight_choice"]
         assert choice["trained_with"] == float(trained["global_weight"]) and choice["chosen_on"] == "dev"
