@@ -36,15 +36,15 @@ def test_training_raises_dev_rsum(trained, small_flickr):
 
 
 def test_the_contrastive_loss_trains_too(small_flickr, tmp_path):
-    """--loss infonce: the same recipe with the batch's softmax learns as the hinge does, and the checkpoint says so."""
+    """--loss infonce: the same recipe with the batch's softmax learns in two epochs, and the checkpoint says so."""
     dataset = open_dataset(small_flickr)
     torch.manual_seed(0)
     untrained = CHAN(ModelConfig(feature_dim=RegionSettings().feature_dim))
     before = evaluate(untrained, dataset.split("dev"), table_for(dataset, RegionSettings()))["rsum"]
     out = tmp_path / "infonce.safetensors"
-    config = dict(data=small_flickr, out=out, epochs=3, batch_size=64, lr_step=10)
+    config = dict(data=small_flickr, out=out, epochs=2, batch_size=64, lr_step=10)
     result = train(TrainConfig(**config, loss="infonce", temperature=0.05))
-    assert result["best_dev_rsum"] > before + 30, (before, result["best_dev_rsum"])
+    assert result["best_dev_rsum"] > before + 100, (before, result["best_dev_rsum"])  # 13.6 -> 264.4 here
     assert read_metadata(out)["info"]["train"]["loss"] == "infonce"
     with pytest.raises(ValueError, match="--temperature 0"):
         train(TrainConfig(**config, loss="infonce", temperature=0))
