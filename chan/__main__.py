@@ -13,6 +13,7 @@ from .backbone import BACKBONES
 from .data import DEFAULT_DATA
 from .device import add_device_option, resolve_device
 from .distributed import join
+from .loss import LOSSES
 from .similarity import POOLINGS, SCORERS
 
 
@@ -282,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--lr-step", type=int, default=d.lr_step, help="epoch at which lr drops x0.1 (default: %(default)s)")
-    p.add_argument("--loss", choices=["triplet", "infonce"], default=d.loss,
+    p.add_argument("--loss", choices=LOSSES, default=d.loss,
                    help="triplet: the hinge with hardest negatives (VSE++); infonce: each true pair against every "
                         "negative of the batch in a softmax, both ways (default: %(default)s)")
     p.add_argument("--margin", type=float, default=d.margin, help="triplet margin (default: %(default)s)")

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _not_negatives(scores: torch.Tensor, same_photo: torch.Tensor) -> torch.Tensor:
-    """Pairs that are never negatives: the true pairs and the others that share a photo."""
-    return same_photo.to(scores.device) | torch.eye(len(scores), dtype=torch.bool, device=scores.device)
+LOSSES = ("triplet", "infonce")  # the names `train --loss` takes
 
 
 def triplet_loss(scores: torch.Tensor, same_photo: torch.Tensor, margin: float, hardest: bool) -> torch.Tensor:
@@ -16,7 +13,7 @@ def triplet_loss(scores: torch.Tensor, same_photo: torch.Tensor, margin: float, 
     `hardest`, only the hardest negative per pair counts (VSE++); otherwise all are summed.
     """
     positive = scores.diag()
-    negatives = _not_negatives(scores, same_photo)
+    negatives = same_photo.to(scores.device) | torch.eye(len(scores), dtype=torch.bool, device=scores.device)
     cost_caption = (margin + scores - positive[:, None]).clamp(min=0).masked_fill(negatives, 0)
     cost_image = (margin + scores - positive[None, :]).clamp(min=0).masked_fill(negatives, 0)
     if hardest:
@@ -29,7 +26,7 @@ def contrastive_loss(scores: torch.Tensor, same_photo: torch.Tensor, temperature
 
     The same layout as `triplet_loss`; pairs sharing a photo are left out of each other's softmax.
     """
-    others = _not_negatives(scores, same_photo) & ~torch.eye(len(scores), dtype=torch.bool, device=scores.device)
+    others = same_photo.to(scores.device) & ~torch.eye(len(scores), dtype=torch.bool, device=scores.device)
     logits = (scores / temperature).masked_fill(others, float("-inf"))
     target = torch.arange(len(scores), device=scores.device)
     return (torch.nn.functional.cross_entropy(logits, target, reduction="sum")

@@ -22,7 +22,7 @@ from .device import autocast, bf16_pays
 from .distributed import gather_rows, join
 from .evaluate import evaluate
 from .features import RegionTable, table_for
-from .loss import contrastive_loss, triplet_loss
+from .loss import LOSSES, contrastive_loss, triplet_loss
 from .metrics import format_metrics
 from .model import CHAN, DEFAULT_BERT, SPECIALS, ModelConfig, tokenize_words
 from .region_settings import LEGACY_SETTINGS, RegionSettings
@@ -237,8 +237,8 @@ def train(c: TrainConfig) -> dict:
 
     if c.global_weight < 0:
         raise ValueError(f"--global-weight {c.global_weight}: give a weight of 0 or more")
-    if c.loss not in ("triplet", "infonce"):
-        raise ValueError(f"--loss {c.loss!r}: give triplet or infonce")
+    if c.loss not in LOSSES:
+        raise ValueError(f"--loss {c.loss!r}: give {' or '.join(LOSSES)}")
     if not 0 < c.temperature <= 1:
         raise ValueError(f"--temperature {c.temperature}: give a value in (0, 1]")
     world, device = join(c.device)

@@ -35,14 +35,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     batches = [torch.randperm(len(owner), generator=g)[: a.batch_size] for _ in range(a.batches)]
     print(f"| temperature | mean InfoNCE per pair and direction ({a.batches} {split} batches of {a.batch_size}) |\n|---|---|")
+    # [i, j]: the photo of pair i against the caption of pair j; taken once, read at every temperature
+    matrices = [(scores[owner[idx]][:, idx], owner[idx][:, None] == owner[idx][None, :]) for idx in batches]
     costs = {}
     for t in (float(x) for x in a.temperatures.split(",")):
-        total = 0.0
-        for idx in batches:
-            rows = owner[idx]
-            batch = scores[rows][:, idx]  # [i, j]: the photo of pair i against the caption of pair j
-            total += contrastive_loss(batch, rows[:, None] == rows[None, :], t).item() / (2 * len(idx))
-        costs[t] = total / len(batches)
+        costs[t] = sum(contrastive_loss(m, same, t).item() / (2 * len(m)) for m, same in matrices) / len(matrices)
         print(f"| {t:g} | {costs[t]:.3f} |")
     print(f"best fit: {min(costs, key=costs.get):g}")
 
