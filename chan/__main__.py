@@ -54,6 +54,13 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
                         "other proposals (default: %(default)s)")
 
 
+def add_class_evidence_option(p: argparse.ArgumentParser) -> None:
+    """Regions whose features carry what the detector saw in them (objectness proposals only)."""
+    p.add_argument("--class-evidence", action=argparse.BooleanOptionalAction, default=False,
+                   help="end each region's feature with the detector's 80 COCO class probabilities and its objectness "
+                        "(zeros for grid cells); another feature cache (default: %(default)s)")
+
+
 def add_detector_precision_override(p: argparse.ArgumentParser, note: str = "", auto: bool = False) -> None:
     """Read a checkpoint on its regions made with another detector precision (another region cache); with `auto`,
     the choice `auto` is offered and is the default."""
@@ -81,7 +88,8 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     dataset = open_dataset(args.data).split(args.split)
     legacy = {**LEGACY, "detector_sizing": "fixed"} if args.proposals == "legacy" else {}  # one pass at 416 px
     settings = RegionSettings(**{"detector_sizing": args.detector_sizing, "detector_sizes": args.detector_sizes,
-                                 "detector_precision": args.detector_precision, **legacy,
+                                 "detector_precision": args.detector_precision, "class_evidence": args.class_evidence,
+                                 **legacy,
                                  "num_regions": args.regions, "backbone": args.backbone, "image_size": args.image_size})
     world, device = join(args.device)  # one process, or one of torchrun's
     if args.ray and world.size > 1:
@@ -127,6 +135,19 @@ def _cmd_alignments(args: argparse.Namespace) -> None:
     from .locality import alignments_command
 
     alignments_command(args.checkpoint, args.data, args.split, args.json, resolve_device(args.device))
+
+
+def _cmd_grounding(args: argparse.Namespace) -> None:
+    from .grounding import grounding_command
+
+    grounding_command(args.data, args.checkpoint, args.comparison, args.split, args.json, resolve_device(args.device))
+
+
+def _cmd_label_prior(args: argparse.Namespace) -> None:
+    from .label_prior import label_prior_command
+
+    label_prior_command(args.checkpoint, args.out, args.data, args.grounding_data, args.scales, args.max_rsum_drop,
+                        resolve_device(args.device))
 
 
 def _cmd_figure(args: argparse.Namespace) -> None:
@@ -236,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=RegionSettings.image_size,
                    help="backbone input side in pixels (default: %(default)s)")
     add_detector_options(p)
+    add_class_evidence_option(p)
     p.add_argument("--batch-size", type=int, default=4, help="photos per batch (default: %(default)s)")
     add_device_option(p)
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
@@ -313,11 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=d.image_size,
                    help="with proposals, the backbone's input side in pixels (default: %(default)s)")
     add_detector_options(p)
+    add_class_evidence_option(p)
     p.add_argument("--pooled-tokens", choices=["content", "all"], default=d.pooled_tokens,
                    help="content: special tokens and punctuation never align or pool; all: every token (default: %(default)s)")
     p.add_argument("--global-weight", type=float, default=d.global_weight, metavar="W",
                    help="score = the similarity + W x the cosine of the mean region and the mean pooled word, trained "
                         "together and kept in the checkpoint (default: %(default)s, none)")
+    p.add_argument("--grounding-weight", type=float, default=d.grounding_weight, metavar="W",
+                   help="with --class-evidence: add W x the detector's labels distilled into the words that name them "
+                        "(chan/weak_labels.py; words found by the text encoder's similarity to the class names) "
+                        "(default: %(default)s, none)")
+    p.add_argument("--grounding-threshold", type=float, default=d.grounding_threshold,
+                   help="a word takes a class its photo shows when their cosine is at least this (default: %(default)s)")
     p.add_argument("--max-photos", type=int, default=None, help="use only the first N train photos (quick runs)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--init", type=Path, default=None,
@@ -376,6 +405,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the figures as flat JSON")
     add_device_option(p)
     p.set_defaults(func=_cmd_alignments)
+
+    p = sub.add_parser("grounding", help="the pointing game: do words that name an object align to a box on it?",
+                       description="On a COCO-layout folder with annotations/instances_<split>.json, every caption "
+                                   "word that names a category present in its photo (through the synonym table in "
+                                   "chan/grounding.py: man, woman, boy -> person, bike -> bicycle) is a trial. A row "
+                                   "hits when its box's centre lies in a true box of that category; stricter, IoU >= "
+                                   "0.5. Prints CHAN's hard alignment, the SCAN comparison's attention argmax and "
+                                   "rules without learning (whole photo, largest region, most confident box, the "
+                                   "detector's label match, a random region) from one run.")
+    p.add_argument("--data", type=Path, required=True, help="COCO-layout folder with instance annotations")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the checkpoint the app loads")
+    p.add_argument("--comparison", type=Path, default=None,
+                   help="the SCAN model whose attention argmax is a row (default: the demo's comparison; 'none': no row)")
+    p.add_argument("--split", default=None, help="the annotations' split, e.g. train2017 (default: the only one there is)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write flat JSON: <row>_pointing, <row>_iou50, <row>_mean_iou and words")
+    add_device_option(p)
+    p.set_defaults(func=_cmd_grounding)
+
+    p = sub.add_parser("label-prior", help="give a checkpoint the detector's class evidence, its labels' names as a prior",
+                       description="Copy a checkpoint trained without class evidence into one that reads it: each "
+                                   "class's new input column starts as a scale x the model's own text embedding of the "
+                                   "class name (chan/label_prior.py). Sweeps the scale, printing Flickr8k dev RSUM and "
+                                   "the pointing game on a COCO-layout dev set for each, and writes the copy with the "
+                                   "best dev pointing whose dev RSUM is within --max-rsum-drop of scale 0's.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint on objectness proposals")
+    p.add_argument("--out", type=Path, required=True, help="the checkpoint to write")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset with a dev split (default: %(default)s)")
+    p.add_argument("--grounding-data", type=Path, required=True, help="COCO-layout dev folder with instance boxes")
+    p.add_argument("--scales", type=weight_list, default=[0.0, 0.5, 1.0, 2.0, 4.0], metavar="S,S",
+                   help="scales tried, in units of the mean norm of a region's projection (default: 0,0.5,1,2,4)")
+    p.add_argument("--max-rsum-drop", type=float, default=1.0,
+                   help="the dev RSUM a scale may lose against scale 0 (default: %(default)s)")
+    add_device_option(p)
+    p.set_defaults(func=_cmd_label_prior)
 
     p = sub.add_parser("figure", help="a publication figure of one caption's word-region alignment (pdf, svg or png)",
                        description="Draw one pair as the papers do: the photo with each word's chosen region boxed "

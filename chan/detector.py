@@ -189,18 +189,16 @@ class YoloV3Tiny(nn.Module):
         return out
 
     @torch.no_grad()
-    def proposals(self, images: torch.Tensor, min_objectness: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def proposals(self, images: torch.Tensor, min_objectness: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Every box with objectness above `min_objectness`, before NMS, whatever its class.
 
         Images (B, 3, S, S) in [0, 1] -> per image (boxes as fractions of the photo, objectness,
-        class ids, class probabilities). Ranking by objectness rather than by class confidence
+        the 80 class probabilities). Ranking by objectness rather than by class confidence
         keeps objects and stuff that fit no COCO class, as bottom-up-attention proposals do.
         """
         size = images.shape[-1]
         out = []
         for det in self._raw(images):
-            keep = det[:, 4] > min_objectness
-            det = det[keep]
-            cls_prob, cls = det[:, 5:].max(1)
-            out.append((det[:, :4].clamp(0, size) / size, det[:, 4], cls, cls_prob))
+            det = det[det[:, 4] > min_objectness]
+            out.append((det[:, :4].clamp(0, size) / size, det[:, 4], det[:, 5:]))
         return out

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from .backbone import BACKBONE_CHANNELS
 
 GEOMETRY_DIMS = 5
+CLASS_EVIDENCE_DIMS = 81  # the detector's 80 COCO class probabilities and its objectness
 DETECTOR_SIZINGS = ("fixed", "photo")
 DETECTOR_PRECISIONS = ("fp32", "int8")
 
@@ -36,6 +37,9 @@ class RegionSettings:
     detector_sizing: str = "fixed"
     # fp32, or int8: the detector's convolutions quantized (ONNX Runtime only; `chan.detector_int8`)
     detector_precision: str = "fp32"
+    # each region's feature ends with what the detector saw in it: its 80 COCO class probabilities and objectness
+    # (zeros for grid cells); objectness proposals only
+    class_evidence: bool = False
 
     def __post_init__(self):
         if self.detector_sizing not in DETECTOR_SIZINGS:
@@ -44,10 +48,12 @@ class RegionSettings:
             raise ValueError(f"detector_precision {self.detector_precision!r}: one of {', '.join(DETECTOR_PRECISIONS)}")
         if not self.detector_sizes or any(s <= 0 or s % 32 for s in self.detector_sizes):
             raise ValueError(f"detector_sizes {self.detector_sizes}: positive multiples of 32 (the detector's stride)")
+        if self.class_evidence and self.proposals != "objectness":
+            raise ValueError("class_evidence needs the objectness proposals")
 
     @property
     def feature_dim(self) -> int:
-        return BACKBONE_CHANNELS + GEOMETRY_DIMS
+        return BACKBONE_CHANNELS + GEOMETRY_DIMS + (CLASS_EVIDENCE_DIMS if self.class_evidence else 0)
 
     def detector_passes(self, width: int, height: int) -> tuple[int, ...]:
         """The detector's input sizes for a photo of this many pixels."""
@@ -71,7 +77,7 @@ class RegionSettings:
 
 
 # Fields added after caches and checkpoints were written: left out of a key while they hold these values.
-ADDED_LATER = {"detector_sizing": "fixed", "detector_precision": "fp32"}
+ADDED_LATER = {"detector_sizing": "fixed", "detector_precision": "fp32", "class_evidence": False}
 
 
 # Values of the first settings, for keys written before these fields existed.

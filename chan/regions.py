@@ -4,7 +4,8 @@ Each photo gives K regions. Default: YOLOv3-tiny boxes at several input sizes (o
 the photo's size), ranked by objectness, class-agnostic NMS, up to K distinct boxes, grid cells (2x2,
 3x3, ...) only to fill what is left; no whole-photo region. The first settings (`LEGACY`) put the whole photo first and
 took up to 20 confident COCO detections. A region's feature is the RoIAlign-pooled backbone map
-plus its normalised geometry (x1, y1, x2, y2, area). The backbone's trunk output is kept per
+plus its normalised geometry (x1, y1, x2, y2, area), and, with `class_evidence`, what the detector saw
+in it (its 80 COCO class probabilities and objectness; zeros for grid cells). The backbone's trunk output is kept per
 photo as well, so that a model can tune the backbone's tail (`chan.backbone`).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torchvision.ops import nms
 
 from .backbone import BACKBONE_CHANNELS, BackboneTail, load_backbone, pool_regions, run_trunk
 from .detector import YoloV3Tiny
-from .region_settings import RegionSettings
+from .region_settings import CLASS_EVIDENCE_DIMS, RegionSettings
 from .runtime import RUNTIMES, OnnxModule
 
 
@@ -148,15 +149,16 @@ class RegionExtractor:
         array = np.asarray(photo.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
         return torch.from_numpy(array).permute(2, 0, 1)
 
-    def _detections(self, photos: list[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per photo: boxes as fractions of the photo, confidences, COCO class ids; at most K (or K - 1) boxes."""
+    def _detections(self, photos: list[Image.Image]) -> list[tuple[torch.Tensor, ...]]:
+        """Per photo: boxes as fractions of the photo, confidences, COCO class ids, and (objectness proposals) the
+        class evidence (the 80 class probabilities and objectness, (n, 81)); at most K (or K - 1) boxes."""
         s = self.settings
         limit = min(s.max_detections, s.num_regions - int(s.whole_photo))
         if s.proposals == "detections":
             with self._stage("resize"):
                 det_in = torch.stack([self._tensor(p, self.detector.input_size) for p in photos]).to(self.device)
             with self._stage("detector"):  # its confidence threshold and NMS included
-                return [(b.cpu() / self.detector.input_size, sc.cpu(), c.cpu())
+                return [(b.cpu() / self.detector.input_size, sc.cpu(), c.cpu(), None)
                         for b, sc, c in self.detector(det_in, max_det=limit)]
         groups: dict[tuple[int, ...], list[int]] = {}  # detector input sizes -> the photos that take them
         for i, photo in enumerate(photos):
@@ -172,11 +174,13 @@ class RegionExtractor:
         out = []
         with self._stage("nms"):
             for found in per_photo:
-                boxes, objectness, classes, class_prob = (torch.cat(parts) for parts in zip(*found))
+                boxes, objectness, class_probs = (torch.cat(parts) for parts in zip(*found))
+                class_prob, classes = class_probs.max(1)
                 area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
                 keep = torch.nonzero(area >= s.min_box_area).flatten()
                 keep = keep[nms(boxes[keep], objectness[keep], s.detector_iou)][:limit]
-                out.append((boxes[keep].cpu(), (objectness * class_prob)[keep].cpu(), classes[keep].cpu()))
+                evidence = torch.cat([class_probs, objectness[:, None]], 1)[keep].cpu()
+                out.append((boxes[keep].cpu(), (objectness * class_prob)[keep].cpu(), classes[keep].cpu(), evidence))
         return out
 
     @staticmethod
@@ -205,7 +209,7 @@ class RegionExtractor:
             fmap = self._run(self.tail, stage) if frozen_features else None
 
         unit_boxes = []
-        for boxes, _, _ in detections:
+        for boxes, *_ in detections:
             whole = [(0.0, 0.0, 1.0, 1.0)] if s.whole_photo else []
             rest = s.num_regions - len(whole) - len(boxes)
             unit_boxes.append(torch.tensor(whole + boxes.tolist() + grid_boxes(1, 1, rest), dtype=torch.float32))
@@ -223,7 +227,7 @@ class RegionExtractor:
         n_coco = len(self.detector.class_names)
 
         out = []
-        for i, (photo, (_, det_scores, det_classes)) in enumerate(zip(photos, detections)):
+        for i, (photo, (_, det_scores, det_classes, det_evidence)) in enumerate(zip(photos, detections)):
             W, H = photo.size
             first, n_det = int(s.whole_photo), len(det_scores)
             cls_prob, cls_idx = probs[i].max(-1)
@@ -234,10 +238,15 @@ class RegionExtractor:
             detected = np.zeros(s.num_regions, dtype=bool)
             detected[first : first + n_det] = True
             labels = [self.label_names[j] if frozen_features or d else "" for j, d in zip(label_idx.tolist(), detected)]
+            parts = [pooled[i], norm, area]
+            if s.class_evidence:  # the whole photo and grid cells: no detector evidence
+                evidence = torch.zeros(s.num_regions, CLASS_EVIDENCE_DIMS)
+                evidence[first : first + n_det] = det_evidence
+                parts.append(evidence)
             out.append(
                 Regions(
                     boxes=(norm * torch.tensor([W, H, W, H])).numpy(),
-                    features=torch.cat([pooled[i], norm, area], 1).numpy(),
+                    features=torch.cat(parts, 1).numpy(),
                     labels=labels,
                     scores=score.numpy().astype(np.float32),
                     detected=detected,

@@ -1,4 +1,5 @@
-"""Train CHAN on cached region features: triplet loss, dev-RSUM model selection, resumable."""
+"""Train CHAN on cached region features: triplet or InfoNCE loss (plus the detector's labels distilled into the words
+ that name them, where asked), dev-RSUM model selection, resumable."""
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ from .evaluate import evaluate
 from .features import RegionTable, table_for
 from .loss import LOSSES, contrastive_loss, triplet_loss
 from .metrics import format_metrics
-from .model import CHAN, DEFAULT_BERT, SPECIALS, ModelConfig, tokenize_words
+from .model import CHAN, DEFAULT_BERT, SPECIALS, ModelConfig, bert_path, tokenize_words
 from .region_settings import LEGACY_SETTINGS, RegionSettings
+from .weak_labels import EVIDENCE_START, label_distillation_loss, word_class_similarity
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,11 @@ class TrainConfig:
     detector_sizing: str = RegionSettings.detector_sizing  # proposals: fixed sizes, or one from the photo's size
     detector_sizes: tuple[int, ...] = RegionSettings.detector_sizes
     detector_precision: str = RegionSettings.detector_precision  # proposals: fp32, or int8 (ONNX Runtime)
+    class_evidence: bool = False  # proposals: each region's feature carries the detector's class probabilities
     global_weight: float = 0.0  # >0: train with a global term in the score (W x cosine of the mean region and mean word)
+    # >0 (needs class evidence): add this x the detector's labels distilled into the words that name them (weak_labels)
+    grounding_weight: float = 0.0
+    grounding_threshold: float = 0.3  # a word takes a class its photo shows when their cosine is at least this
     pooled_tokens: str = "content"  # content: no special tokens or punctuation in the max and the pooling; all
     init: Path | None = None  # start from this checkpoint's weights and continue its epochs (fresh optimizer state)
     device: str = "auto"  # auto: the GPU when CUDA is available, else the CPU
@@ -241,6 +247,10 @@ def train(c: TrainConfig) -> dict:
         raise ValueError(f"--loss {c.loss!r}: give {' or '.join(LOSSES)}")
     if not 0 < c.temperature <= 1:
         raise ValueError(f"--temperature {c.temperature}: give a value in (0, 1]")
+    if c.grounding_weight < 0:
+        raise ValueError(f"--grounding-weight {c.grounding_weight}: give a weight of 0 or more")
+    if c.grounding_weight and not (c.class_evidence and c.regions == "proposals" and c.text_encoder == "bert"):
+        raise ValueError("--grounding-weight needs --class-evidence regions (proposals) and the bert text encoder")
     world, device = join(c.device)
     dataset = open_dataset(c.data)
     train_set, dev_set = dataset.split("train"), dataset.split("dev")
@@ -250,7 +260,7 @@ def train(c: TrainConfig) -> dict:
         train_set.captions = [x for x in train_set.captions if x.photo_id in keep]
     settings = (RegionSettings(backbone=c.backbone, tail_start=c.tune_from, image_size=c.image_size,
                                detector_sizing=c.detector_sizing, detector_sizes=tuple(c.detector_sizes),
-                               detector_precision=c.detector_precision)
+                               detector_precision=c.detector_precision, class_evidence=c.class_evidence)
                 if c.regions == "proposals" else LEGACY_SETTINGS)
     if c.tune_backbone and not settings.tail_start:
         raise ValueError(f"--tune-backbone needs regions that keep the backbone's trunk maps; {c.regions!r} regions do not")
@@ -310,6 +320,8 @@ def train(c: TrainConfig) -> dict:
     photo_index = table.rows([x.photo_id for x in train_set.captions])
     texts = [x.text for x in train_set.captions]
     frozen = FrozenCaptionStates(model, texts) if c.text_encoder == "bert" else None
+    word_classes = (word_class_similarity(bert_path(c.bert_model), frozen.ids, frozen.mask)
+                    if c.grounding_weight else None)
     started = time.time() - 60 * (history[-1]["minutes"] if history else 0)  # minutes count across resumes
     step = _Encoders(model)
     if world.size > 1:  # gradients averaged over the processes; each scores the whole global batch
@@ -342,6 +354,13 @@ def train(c: TrainConfig) -> dict:
             same_photo = rows[:, None] == rows[None, :]
             loss = (contrastive_loss(scores, same_photo, c.temperature) if c.loss == "infonce"
                     else triplet_loss(scores, same_photo, c.margin, hardest=epoch >= c.warmup_epochs))
+            if word_classes is not None:  # each caption's words against its own photo's regions
+                cosines = torch.einsum("bld,bkd->blk", words.float(), regions.float())
+                evidence = table.features[rows][..., EVIDENCE_START:].float().to(device)
+                distilled, _ = label_distillation_loss(cosines, region_mask.to(device), pooled,
+                                                       word_classes[idx, : words.shape[1]].float().to(device), evidence,
+                                                       c.grounding_threshold)
+                loss = loss + c.grounding_weight * distilled
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], c.grad_clip)

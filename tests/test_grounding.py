@@ -1,0 +1,137 @@
+"""The pointing game, the label prior and the detector-label distillation."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chan.data import DatasetError, open_dataset
+from chan.grounding import CATEGORY_WORDS, COCO_CATEGORIES, WORD_CATEGORY, box_hits, read_instances, word_spans
+from chan.weak_labels import label_distillation_loss
+
+COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "coco-mini-train2017"
+
+
+def test_box_hits_reads_the_centre_and_the_best_iou():
+    truth = np.array([[0, 0, 10, 10], [20, 20, 40, 40]], dtype=np.float32)
+    inside, iou = box_hits(np.array([0, 0, 10, 10], dtype=np.float32), truth)
+    assert inside and iou == pytest.approx(1.0)
+    inside, iou = box_hits(np.array([5, 5, 15, 15], dtype=np.float32), truth)  # centre (10, 10): on the edge
+    assert inside and iou == pytest.approx(25 / 175)
+    inside, iou = box_hits(np.array([12, 12, 18, 18], dtype=np.float32), truth)
+    assert not inside and iou == 0.0
+
+
+def test_words_name_categories_through_the_table_and_pieces_count_once():
+    assert WORD_CATEGORY["man"] == WORD_CATEGORY["women"] == WORD_CATEGORY["boy"] == "person"
+    assert WORD_CATEGORY["bike"] == "bicycle" and WORD_CATEGORY["dogs"] == "dog" and WORD_CATEGORY["buses"] == "bus"
+    assert set(CATEGORY_WORDS) == set(COCO_CATEGORIES) and len(COCO_CATEGORIES) == 80
+    assert word_spans(["a", "skate", "##board", "##er", "rides"]) == [("a", [0]), ("skateboarder", [1, 2, 3]),
+                                                                      ("rides", [4])]
+
+
+def test_a_malformed_instances_file_gets_a_clear_error(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "train").mkdir()
+    (tmp_path / "annotations" / "captions_train.json").write_text(json.dumps({"images": [], "annotations": []}))
+    dataset = open_dataset(tmp_path)
+    with pytest.raises(DatasetError, match="not found"):
+        read_instances(dataset, "train")
+    (tmp_path / "annotations" / "instances_train.json").write_text('{"images": [], "annotations": [{"bbox": 3}]}')
+    with pytest.raises(DatasetError, match="not a COCO instances file"):
+        read_instances(dataset, "train")
+
+
+def coco_subset(root: Path, n: int) -> Path:
+    """The first n photos of the COCO dev set with their captions and boxes (photos as symlinks)."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    for kind in ("captions", "instances"):
+        ann = json.loads((COCO_MINI / "annotations" / f"{kind}_train2017.json").read_text())
+        ann["images"] = sorted(ann["images"], key=lambda im: im["file_name"])[:n]
+        keep = {im["id"] for im in ann["images"]}
+        ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] in keep]
+        (root / "annotations" / f"{kind}_train2017.json").write_text(json.dumps(ann))
+    for im in ann["images"]:
+        os.symlink(COCO_MINI / "train2017" / im["file_name"], root / "train2017" / im["file_name"])
+    return root
+
+
+def test_grounding_command_counts_every_naming_word_and_scores_each_row(tmp_path):
+    from chan.grounding import ROWS, grounding_command
+
+    data = coco_subset(tmp_path / "coco", 6)
+    out = grounding_command(data, None, None, None, tmp_path / "g.json")
+    assert json.loads((tmp_path / "g.json").read_text()) == out
+    # the trials, counted here from the raw files: caption words (as whole words) naming a category in the photo
+    captions = json.loads((data / "annotations" / "captions_train2017.json").read_text())
+    instances = json.loads((data / "annotations" / "instances_train2017.json").read_text())
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    present: dict[int, set] = {}
+    for a in instances["annotations"]:
+        present.setdefault(a["image_id"], set()).add(names[a["category_id"]])
+    expected = sum(WORD_CATEGORY.get(w) in present.get(c["image_id"], set())
+                   for c in captions["annotations"] for w in re.findall(r"[a-z]+", c["caption"].lower()))
+    assert out["words"] == expected > 0
+    for row in ROWS:
+        assert 0 <= out[f"{row}_iou50"] <= 1 and 0 <= out[f"{row}_pointing"] <= 1 and 0 <= out[f"{row}_mean_iou"] <= 1
+    assert out["label_match_pointing"] > out["random_pointing"]
+
+
+def test_label_prior_keeps_scores_at_zero_and_pulls_a_labelled_region_to_its_word():
+    from chan.label_prior import with_label_prior
+    from chan.model import CHAN, ModelConfig
+    from chan.region_settings import RegionSettings
+
+    settings = RegionSettings(tail_start=0)
+    torch.manual_seed(0)
+    model = CHAN(ModelConfig(feature_dim=settings.feature_dim)).eval()
+    features = torch.randn(1, 3, settings.feature_dim)
+    evidence = torch.zeros(1, 3, 81)
+    evidence[0, 1, COCO_CATEGORIES.index("dog")] = evidence[0, 1, 80] = 1.0  # region 1: a sure dog
+    with torch.no_grad():
+        words, _, _ = model.encode_texts(["dog", "car"])
+        before = model.encode_images(features)[0][0] @ words[:, 1].T  # (K, 2): each region against "dog", "car"
+        same, ce_settings = with_label_prior(model, settings, 0.0)
+        assert ce_settings.class_evidence and same.config.feature_dim == settings.feature_dim + 81
+        extended = torch.cat([features, evidence], -1)
+        torch.testing.assert_close(same.encode_images(extended)[0][0] @ words[:, 1].T, before)
+        prior, _ = with_label_prior(model, settings, 5.0, unit=1.0)
+        after = prior.encode_images(extended)[0][0] @ words[:, 1].T
+    gain = after - before
+    assert gain[1, 0] > gain[1, 1] + 0.05  # the dog region moved towards "dog" more than towards "car"
+    torch.testing.assert_close(after[[0, 2]], before[[0, 2]])  # regions without evidence are unchanged
+
+
+def test_label_distillation_is_the_cross_entropy_with_the_detectors_regions():
+    cosines = torch.tensor([[[0.1, 0.5, 0.2], [0.3, 0.3, 0.3]]], requires_grad=True)  # (1 caption, 2 words, 3 regions)
+    regions = torch.tensor([[True, True, True]])
+    words = torch.tensor([[True, True]])
+    similarity = torch.full((1, 2, 80), 0.1)
+    dog, car = COCO_CATEGORIES.index("dog"), COCO_CATEGORIES.index("car")
+    similarity[0, 0, dog] = 0.8  # word 0 names a dog; word 1 names nothing
+    similarity[0, 1, car] = 0.9  # ... and would name a car, but no region shows one
+    evidence = torch.zeros(1, 3, 81)
+    evidence[0, 0, dog], evidence[0, 2, dog], evidence[0, :, 80] = 0.9, 0.3, 1.0
+    loss, covered = label_distillation_loss(cosines, regions, words, similarity, evidence, threshold=0.3)
+    target = torch.tensor([0.9, 0.0, 0.3]) / 1.2
+    expected = -(target * torch.log_softmax(cosines[0, 0] / 0.1, -1)).sum()
+    assert covered == 1 and torch.allclose(loss, expected)
+    loss.backward()
+    assert cosines.grad[0, 0, 0] < 0 < cosines.grad[0, 0, 1]  # raise the dog region, lower the other one
+    assert torch.all(cosines.grad[0, 1] == 0)
+    # a dropped region is out of the target and the softmax; below the threshold nothing is covered
+    _, covered = label_distillation_loss(cosines, regions, words, similarity, evidence, threshold=0.95)
+    assert covered == 0
+
+
+def test_grounding_weight_needs_class_evidence(flickr8k, tmp_path):
+    from chan.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="class-evidence"):
+        train(TrainConfig(data=flickr8k, out=tmp_path / "x.safetensors", grounding_weight=1.0))
