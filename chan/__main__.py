@@ -140,14 +140,15 @@ def _cmd_alignments(args: argparse.Namespace) -> None:
 def _cmd_grounding(args: argparse.Namespace) -> None:
     from .grounding import grounding_command
 
-    grounding_command(args.data, args.checkpoint, args.comparison, args.split, args.json, resolve_device(args.device))
+    grounding_command(args.data, args.checkpoint, args.comparison, args.split, args.json, resolve_device(args.device),
+                      args.record)
 
 
 def _cmd_label_prior(args: argparse.Namespace) -> None:
     from .label_prior import label_prior_command
 
     label_prior_command(args.checkpoint, args.out, args.data, args.grounding_data, args.scales, args.max_rsum_drop,
-                        resolve_device(args.device))
+                        resolve_device(args.device), args.scale)
 
 
 def _cmd_figure(args: argparse.Namespace) -> None:
@@ -347,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s, none)")
     p.add_argument("--grounding-threshold", type=float, default=d.grounding_threshold,
                    help="a word takes a class its photo shows when their cosine is at least this (default: %(default)s)")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="keep the tuned backbone tail (of --init) as it is: its region features are computed once, so "
+                        "an epoch costs a fraction of one that tunes it; the checkpoint still holds the tail")
     p.add_argument("--max-photos", type=int, default=None, help="use only the first N train photos (quick runs)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--init", type=Path, default=None,
@@ -421,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="the annotations' split, e.g. train2017 (default: the only one there is)")
     p.add_argument("--json", type=Path, default=None,
                    help="also write flat JSON: <row>_pointing, <row>_iou50, <row>_mean_iou and words")
+    p.add_argument("--record", action="store_true",
+                   help="also store the hard alignment's figures in the checkpoint's info (the demo's header shows them)")
     add_device_option(p)
     p.set_defaults(func=_cmd_grounding)
 
@@ -433,9 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint on objectness proposals")
     p.add_argument("--out", type=Path, required=True, help="the checkpoint to write")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset with a dev split (default: %(default)s)")
-    p.add_argument("--grounding-data", type=Path, required=True, help="COCO-layout dev folder with instance boxes")
-    p.add_argument("--scales", type=weight_list, default=[0.0, 0.5, 1.0, 2.0, 4.0], metavar="S,S",
-                   help="scales tried, in units of the mean norm of a region's projection (default: 0,0.5,1,2,4)")
+    p.add_argument("--grounding-data", type=Path, default=None, help="COCO-layout dev folder with instance boxes")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--scales", type=weight_list, default=[0.0, 0.5, 1.0, 2.0, 4.0], metavar="S,S",
+                     help="scales tried, in units of the mean norm of a region's projection (default: 0,0.5,1,2,4)")
+    how.add_argument("--scale", type=float, default=None,
+                     help="no sweep: write the copy with this scale (e.g. the one chosen for the model's twin)")
     p.add_argument("--max-rsum-drop", type=float, default=1.0,
                    help="the dev RSUM a scale may lose against scale 0 (default: %(default)s)")
     add_device_option(p)

@@ -204,9 +204,10 @@ def format_table(result: dict) -> str:
 
 
 def grounding_command(data: Path, checkpoint: Path | None, comparison: Path | None, split: str | None,
-                      json_path: Path | None, device: torch.device | str = "cpu") -> dict:
-    """Run the pointing game for a checkpoint (and its SCAN comparison) on a COCO-layout split; print the table."""
-    from .checkpoint import DEFAULT_CHECKPOINT, DEFAULT_COMPARISON, load_checkpoint
+                      json_path: Path | None, device: torch.device | str = "cpu", record: bool = False) -> dict:
+    """Run the pointing game for a checkpoint (and its SCAN comparison) on a COCO-layout split; print the table.
+    With `record`, the figures also go into the checkpoint's info (the demo's header shows them)."""
+    from .checkpoint import DEFAULT_CHECKPOINT, DEFAULT_COMPARISON, load_checkpoint, write_copy
     from .data import open_dataset
     from .features import table_for
 
@@ -216,7 +217,8 @@ def grounding_command(data: Path, checkpoint: Path | None, comparison: Path | No
         raise DatasetError(f"{data}: give --split, one of {dataset.splits}")
     dataset = dataset.split(split)
     truth = read_instances(dataset, split)
-    model, settings, _ = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT)
+    checkpoint = checkpoint or DEFAULT_CHECKPOINT
+    model, settings, info = load_checkpoint(checkpoint)
     table = table_for(dataset, settings, device=device)
     if table.boxes is None:
         raise DatasetError("grounding needs regions with boxes: this checkpoint reads precomputed features")
@@ -228,4 +230,9 @@ def grounding_command(data: Path, checkpoint: Path | None, comparison: Path | No
     print(format_table(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
+    if record:
+        recorded = {"data": Path(data).name, "split": split, **{k: v for k, v in result.items() if k.startswith("hard_")},
+                    "words": result["words"]}
+        write_copy(checkpoint, checkpoint, {}, {**info, "grounding": recorded})
+        print(f"recorded in {checkpoint}")
     return result

@@ -55,11 +55,12 @@ def with_label_prior(model: CHAN, settings: RegionSettings, scale: float,
     return out, new_settings
 
 
-def label_prior_command(checkpoint: Path, out: Path, data: Path, grounding_data: Path, scales: list[float],
-                        min_rsum_drop: float, device: torch.device | str = "cpu") -> dict:
+def label_prior_command(checkpoint: Path, out: Path, data: Path, grounding_data: Path | None, scales: list[float],
+                        min_rsum_drop: float, device: torch.device | str = "cpu", scale: float | None = None) -> dict:
     """Sweep the prior's scale: Flickr8k dev RSUM and COCO dev pointing for each; write the copy the rule picks.
 
     The rule: the highest dev pointing among the scales whose dev RSUM is within `min_rsum_drop` of scale 0's.
+    With `scale`, no sweep: the copy gets that scale (e.g. the one chosen for a model's twin).
     """
     from .checkpoint import load_checkpoint, save_checkpoint
     from .data import open_dataset
@@ -72,14 +73,23 @@ def label_prior_command(checkpoint: Path, out: Path, data: Path, grounding_data:
     base = base.to(device)
     new_settings = replace(settings, class_evidence=True)
     dev = open_dataset(data).split("dev")
+    dev_table = table_for(dev, new_settings, device=device)
+    sample = torch.arange(min(256, len(dev_table.photo_ids)))
+    features, maps = dev_table.model_inputs(sample)
+    unit = region_scale(base, features[..., : settings.feature_dim], maps)
+    if scale is not None:
+        model, _ = with_label_prior(base, settings, scale, unit)
+        choice = {"chosen": scale, "unit": unit, "rule": "given", "from": str(checkpoint)}
+        save_checkpoint(model, new_settings, out, {**info, "label_prior": choice})
+        print(f"scale {scale:g} (unit {unit:.3f}); wrote {out}")
+        return choice
+    if grounding_data is None:
+        raise ValueError("give --grounding-data (a COCO-layout dev folder) to sweep the scale, or --scale")
     coco = open_dataset(grounding_data)
     coco_split = coco.splits[0]
     coco = coco.split(coco_split)
     truth = read_instances(coco, coco_split)
-    dev_table, coco_table = table_for(dev, new_settings, device=device), table_for(coco, new_settings, device=device)
-    sample = torch.arange(min(256, len(dev_table.photo_ids)))
-    features, maps = dev_table.model_inputs(sample)
-    unit = region_scale(base, features[..., : settings.feature_dim], maps)
+    coco_table = table_for(coco, new_settings, device=device)
     rows = {}
     for scale in sorted({0.0, *scales}):  # scale 0: the checkpoint's own scores, the floor's reference
         model, _ = with_label_prior(base, settings, scale, unit)

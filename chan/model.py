@@ -122,7 +122,11 @@ class ImageEncoder(nn.Module):
         return self.tail_sessions[shape](maps)[0]
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.fc(self.region_features(features, maps))
+        return self.project(self.region_features(features, maps), mask)
+
+    def project(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Region features as the model sees them (`region_features`) -> the joint space."""
+        x = self.fc(x)
         if self.attn is not None:
             h = self.ln(x)
             x = x + self.attn(h, h, h, key_padding_mask=~mask.bool(), need_weights=False)[0]

@@ -11,6 +11,7 @@ photo as well, so that a model can tune the backbone's tail (`chan.backbone`).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
@@ -57,9 +58,17 @@ GRID_PLACES = {2: [["top left", "top right"], ["bottom left", "bottom right"]],
                    ["bottom left", "bottom centre", "bottom right"]]}
 
 
+def _place(box) -> str:
+    """Where a box's centre lies, in words: 'top left', 'centre', 'bottom right' (thirds of the photo)."""
+    row = ("top", "middle", "bottom")[min(2, int((box[1] + box[3]) / 2 * 3))]
+    col = ("left", "centre", "right")[min(2, int((box[0] + box[2]) / 2 * 3))]
+    return "centre" if (row, col) == ("middle", "centre") else f"{row} {col}" if row != "middle" else f"middle {col}"
+
+
 def region_names(regions: Regions) -> list[str]:
-    """Names a person reads: 'dog 87%' for a detection ('dog? 0.4%' for a weak proposal: a box the detector
-    thinks holds something, with little idea what), 'whole photo', '3x3 grid, top left' for a grid cell."""
+    """Names a person reads and tells apart: 'dog 87%' for a detection ('dog? 0.4%' for a weak proposal: a box the
+    detector thinks holds something, with little idea what), 'whole photo', '3x3 grid, top left' for a grid cell.
+    Detections that would share a name get where they lie ('person 64%, top left'), then a number if still alike."""
     if regions.boxes is None:  # precomputed features: whatever labels they came with (usually none)
         return list(regions.labels)
     unit = regions.features[:, BACKBONE_CHANNELS : BACKBONE_CHANNELS + 4]
@@ -78,6 +87,14 @@ def region_names(regions: Regions) -> list[str]:
         row, col = min(n - 1, int(box[1] * n + 0.5)), min(n - 1, int(box[0] * n + 0.5))
         place = GRID_PLACES[n][row][col] if n in GRID_PLACES else f"row {row + 1}, column {col + 1}"
         names.append(f"{n}x{n} grid, {place}")
+    seen = Counter(names)
+    names = [f"{name}, {_place(box)}" if detected and seen[name] > 1 else name
+             for name, box, detected in zip(names, unit, regions.detected)]
+    total, count = Counter(names), Counter()
+    for k, name in enumerate(names):
+        if total[name] > 1:
+            count[name] += 1
+            names[k] = f"{name} ({count[name]})"
     return names
 
 

@@ -70,6 +70,8 @@ class TrainConfig:
     # >0 (needs class evidence): add this x the detector's labels distilled into the words that name them (weak_labels)
     grounding_weight: float = 0.0
     grounding_threshold: float = 0.3  # a word takes a class its photo shows when their cosine is at least this
+    # keep the backbone's tuned tail as it is: its region features are computed once, and an epoch costs a fraction
+    freeze_backbone: bool = False
     pooled_tokens: str = "content"  # content: no special tokens or punctuation in the max and the pooling; all
     init: Path | None = None  # start from this checkpoint's weights and continue its epochs (fresh optimizer state)
     device: str = "auto"  # auto: the GPU when CUDA is available, else the CPU
@@ -184,11 +186,34 @@ class _Encoders(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, features, region_mask, maps, token_mask, tokens=None, frozen_states=None):
-        regions, _ = self.model.encode_images(features, region_mask, maps)
+    def forward(self, features, region_mask, maps, token_mask, tokens=None, frozen_states=None, seen=False):
+        """`seen`: `features` are already as the model sees them (the tail's output precomputed: `--freeze-backbone`)."""
+        if seen:
+            device = self.model.device
+            regions = self.model.image_encoder.project(features.to(device).float(), region_mask.to(device))
+        else:
+            regions, _ = self.model.encode_images(features, region_mask, maps)
         if frozen_states is not None:
             return regions, self.model.text_encoder.tuned_forward(frozen_states, token_mask)
         return regions, self.model.text_encoder(tokens, token_mask)
+
+
+@torch.no_grad()
+def frozen_tail_features(model: CHAN, table: RegionTable, rows: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Region features as the model's (frozen) tail gives them, fp16, once for the photos of these rows; and a map from
+    a table row to its row of the result. Training then never runs the tail: its weights stay as they are."""
+    encoder = model.image_encoder
+    was_training = encoder.training
+    encoder.eval()
+    photos = torch.unique(rows)
+    out = []
+    for s in tqdm(range(0, len(photos), chunk), desc="backbone tail (frozen)", unit="chunk"):
+        features, maps = table.model_inputs(photos[s : s + chunk])
+        out.append(encoder.region_features(features.to(model.device), maps.to(model.device)).half().cpu())
+    encoder.train(was_training)
+    where = torch.full((len(table.photo_ids),), -1, dtype=torch.long)
+    where[photos] = torch.arange(len(photos))
+    return torch.cat(out), where
 
 
 def _end_epoch(c: TrainConfig, model: CHAN, settings, dev_set, table: RegionTable, optimizer, scheduler, epoch: int,
@@ -318,6 +343,8 @@ def train(c: TrainConfig) -> dict:
         _schedule_from(optimizer, scheduler, start, c.lr_step)
 
     photo_index = table.rows([x.photo_id for x in train_set.captions])
+    seen, seen_row = (frozen_tail_features(model, table, photo_index) if c.freeze_backbone and encoder.tail is not None
+                      else (None, None))
     texts = [x.text for x in train_set.captions]
     frozen = FrozenCaptionStates(model, texts) if c.text_encoder == "bert" else None
     word_classes = (word_class_similarity(bert_path(c.bert_model), frozen.ids, frozen.mask)
@@ -345,9 +372,12 @@ def train(c: TrainConfig) -> dict:
                 kept = tmask
                 masked = _mask_tokens(ids, tmask, model.text_encoder.mask_id, c.token_mask)
                 text = {"token_mask": tmask[mine].to(device), "tokens": masked[mine].to(device)}
-            feats, maps = table.model_inputs(rows[mine])
+            if seen is not None:
+                feats, maps = seen[seen_row[rows[mine]]], None
+            else:
+                feats, maps = table.model_inputs(rows[mine])
             with autocast(device, c.precision):
-                regions, words = step(feats, region_mask[mine], maps, **text)
+                regions, words = step(feats, region_mask[mine], maps, seen=seen is not None, **text)
                 regions, words = gather_rows(regions, world, len(idx)), gather_rows(words, world, len(idx))
                 pooled = model.pooled_mask(ids.to(device), kept.to(device))
                 scores = model.scores(regions, region_mask.to(device), words, pooled).float()

@@ -1,5 +1,6 @@
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -244,6 +245,7 @@ def test_region_names_say_what_and_where(test_split):
     names = region_names(r)
     assert names[0] == "whole photo"
     n_det = int(r.detected.sum())
-    assert all(name.endswith("%") for name in names[1 : 1 + n_det])
+    assert all(re.match(r".+ \d+%", name) for name in names[1 : 1 + n_det])
+    assert len(set(names)) == len(names)  # a viewer tells every region apart
     assert names[1 + n_det : 1 + n_det + 4] == ["2x2 grid, top left", "2x2 grid, top right", "2x2 grid, bottom left",
                                                "2x2 grid, bottom right"]
