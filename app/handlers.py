@@ -253,7 +253,8 @@ class Handlers:
         if photo is not None and regions.boxes is not None:
             colours = [figures.word_colour(i) if d else "#888888" for i, d in enumerate(regions.detected)]
             keep = [i for i, d in enumerate(regions.detected) if d] or [0]
-            drawn = figures.draw_boxes(photo, regions.boxes[keep], [regions.labels[i] for i in keep], [colours[i] for i in keep])
+            names = region_names(regions)  # what the detector saw, each box told apart
+            drawn = figures.draw_boxes(photo, regions.boxes[keep], [names[i] for i in keep], [colours[i] for i in keep])
         if regions.boxes is None:
             status = f"{len(rows)} captions ranked · {len(regions.labels)} precomputed regions (this gallery has no photos or boxes to draw)."
         else:
