@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from .backbone import BACKBONE_CHANNELS
 
 GEOMETRY_DIMS = 5
-CLASS_EVIDENCE_DIMS = 81  # the detector's 80 COCO class probabilities and its objectness
+CLASS_EVIDENCE_DIMS = 81  # the detector's confidence in each of its 80 COCO classes (objectness x class probability), objectness
 DETECTOR_SIZINGS = ("fixed", "photo")
 DETECTOR_PRECISIONS = ("fp32", "int8")
 
@@ -37,8 +37,8 @@ class RegionSettings:
     detector_sizing: str = "fixed"
     # fp32, or int8: the detector's convolutions quantized (ONNX Runtime only; `chan.detector_int8`)
     detector_precision: str = "fp32"
-    # each region's feature ends with what the detector saw in it: its 80 COCO class probabilities and objectness
-    # (zeros for grid cells); objectness proposals only
+    # each region's feature ends with what the detector saw in it: its confidence in each of the 80 COCO classes
+    # (objectness x class probability) and objectness (zeros for grid cells); objectness proposals only
     class_evidence: bool = False
 
     def __post_init__(self):

@@ -5,7 +5,8 @@ the photo's size), ranked by objectness, class-agnostic NMS, up to K distinct bo
 3x3, ...) only to fill what is left; no whole-photo region. The first settings (`LEGACY`) put the whole photo first and
 took up to 20 confident COCO detections. A region's feature is the RoIAlign-pooled backbone map
 plus its normalised geometry (x1, y1, x2, y2, area), and, with `class_evidence`, what the detector saw
-in it (its 80 COCO class probabilities and objectness; zeros for grid cells). The backbone's trunk output is kept per
+in it (its confidence in each of the 80 COCO classes, objectness x class probability, then objectness; zeros for
+grid cells). The backbone's trunk output is kept per
 photo as well, so that a model can tune the backbone's tail (`chan.backbone`).
 """
 from __future__ import annotations
@@ -168,7 +169,8 @@ class RegionExtractor:
 
     def _detections(self, photos: list[Image.Image]) -> list[tuple[torch.Tensor, ...]]:
         """Per photo: boxes as fractions of the photo, confidences, COCO class ids, and (objectness proposals) the
-        class evidence (the 80 class probabilities and objectness, (n, 81)); at most K (or K - 1) boxes."""
+        class evidence ((n, 81): the detector's confidence in each of its 80 classes, objectness x class probability,
+        then objectness); at most K (or K - 1) boxes."""
         s = self.settings
         limit = min(s.max_detections, s.num_regions - int(s.whole_photo))
         if s.proposals == "detections":
@@ -196,7 +198,7 @@ class RegionExtractor:
                 area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
                 keep = torch.nonzero(area >= s.min_box_area).flatten()
                 keep = keep[nms(boxes[keep], objectness[keep], s.detector_iou)][:limit]
-                evidence = torch.cat([class_probs, objectness[:, None]], 1)[keep].cpu()
+                evidence = torch.cat([class_probs * objectness[:, None], objectness[:, None]], 1)[keep].cpu()
                 out.append((boxes[keep].cpu(), (objectness * class_prob)[keep].cpu(), classes[keep].cpu(), evidence))
         return out
 

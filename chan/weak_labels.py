@@ -67,9 +67,9 @@ def label_distillation_loss(cosines: torch.Tensor, region_mask: torch.Tensor, wo
 
     cosines (B, L, K): each caption's words against its own photo's regions; region_mask (B, K) the regions kept;
     word_mask (B, L) the pooled words; similarity (B, L, 80) word-class cosines; evidence (B, K, 81) the regions'
-    class probabilities and objectness. Returns the loss and how many words it covered.
+    class evidence (the detector's confidence in each class, objectness x class probability, then objectness). Returns the loss and how many words it covered.
     """
-    confidence = evidence[..., :80] * evidence[..., 80:81] * region_mask[..., None]  # (B, K, 80)
+    confidence = evidence[..., :80] * region_mask[..., None]  # (B, K, 80)
     present = confidence.amax(1) >= PRESENT  # (B, 80)
     candidate = similarity.masked_fill(~present[:, None, :], -1.0)
     best, cls = candidate.max(-1)  # (B, L)

@@ -163,7 +163,7 @@ def _share_on_the_detectors_box(checkpoint: Path, data: Path) -> tuple[float, in
     regions, _ = model.encode_images(features, maps=maps)
     words = model.text_encoder(ids, mask)
     evidence = table.features[rows][..., EVIDENCE_START:].float()
-    confidence = evidence[..., :80] * evidence[..., 80:81]
+    confidence = evidence[..., :80]
     present = confidence.amax(1) >= PRESENT
     best, cls = similarity.masked_fill(~present[:, None, :], -1.0).max(-1)
     labelled = model.pooled_mask(ids, mask) & (best >= 0.3)
