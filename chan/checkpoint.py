@@ -21,7 +21,7 @@ FORMAT = "chan-checkpoint-1"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "chan-bert-flickr8k.safetensors"
 # the default checkpoint's SCAN twin: the same regions and recipe, soft attention (the demo's comparison); both score
 # with the global term's weight that `python -m chan global-weight` chose for each on dev
-DEFAULT_COMPARISON = Path(__file__).resolve().parents[1] / "runs" / "scan-lite2-text6-infonce-served.safetensors"
+DEFAULT_COMPARISON = Path(__file__).resolve().parents[1] / "checkpoints" / "scan-bert-flickr8k.safetensors"
 
 
 class CheckpointError(store.StoreError):

@@ -173,21 +173,22 @@ def _share_on_the_detectors_box(checkpoint: Path, data: Path) -> tuple[float, in
 
 
 def test_distilling_the_detectors_labels_moves_words_onto_their_boxes(flickr8k, tmp_path):
-    """Same run twice but for the distillation, the backbone tail frozen: with it, more of the labelled words
-    align to the detector's box for their class. Measured: 0.xx without, 0.yy with (bar: +0.05)."""
+    """Same run twice but for the distillation, the backbone tail frozen: with it, far more of the labelled words
+    align to the detector's most confident box for their class. Measured: 0.019 without, 0.599 with, 162 words, for
+    3 epochs on 40 photos; the bar (+0.25) is for 2 epochs on 30."""
     from chan.backbone import BackboneTail, load_backbone
     from chan.checkpoint import load_checkpoint
     from chan.train import TrainConfig, train
     from tests.conftest import make_flickr_subset
 
-    data = make_flickr_subset(tmp_path / "f", flickr8k, 40, 10)
-    config = dict(data=data, epochs=3, batch_size=32, lr=2e-3, lr_step=10, class_evidence=True, freeze_backbone=True)
+    data = make_flickr_subset(tmp_path / "f", flickr8k, 30, 5)
+    config = dict(data=data, epochs=2, batch_size=32, lr=2e-3, lr_step=10, class_evidence=True, freeze_backbone=True)
     train(TrainConfig(out=tmp_path / "plain.safetensors", **config))
     train(TrainConfig(out=tmp_path / "grounded.safetensors", grounding_weight=1.0, **config))
     plain, n = _share_on_the_detectors_box(tmp_path / "plain.safetensors", data)
     grounded, _ = _share_on_the_detectors_box(tmp_path / "grounded.safetensors", data)
     print(f"labelled words on their class's box: {plain:.3f} without, {grounded:.3f} with ({n} words)")
-    assert n > 50 and grounded > plain + 0.05
+    assert n > 50 and grounded > plain + 0.25
     # the frozen tail is stored as it was (ImageNet's here): the checkpoint still serves on the photos' maps
     model, _, info = load_checkpoint(tmp_path / "grounded.safetensors")
     reference = BackboneTail(load_backbone(model.config.backbone), model.config.tail_start).state_dict()
