@@ -59,10 +59,10 @@ GRID_PLACES = {2: [["top left", "top right"], ["bottom left", "bottom right"]],
                    ["bottom left", "bottom centre", "bottom right"]]}
 
 
-def _place(box) -> str:
-    """Where a box's centre lies, in words: 'top left', 'centre', 'bottom right' (thirds of the photo)."""
-    row = ("top", "middle", "bottom")[min(2, int((box[1] + box[3]) / 2 * 3))]
-    col = ("left", "centre", "right")[min(2, int((box[0] + box[2]) / 2 * 3))]
+def _place(box, width: float, height: float) -> str:
+    """Where a box's centre lies, in words: 'top left', 'centre', 'bottom right' (thirds of width x height)."""
+    row = ("top", "middle", "bottom")[min(2, max(0, int((box[1] + box[3]) / 2 / height * 3)))]
+    col = ("left", "centre", "right")[min(2, max(0, int((box[0] + box[2]) / 2 / width * 3)))]
     return "centre" if (row, col) == ("middle", "centre") else f"{row} {col}" if row != "middle" else f"middle {col}"
 
 
@@ -89,8 +89,9 @@ def region_names(regions: Regions) -> list[str]:
         place = GRID_PLACES[n][row][col] if n in GRID_PLACES else f"row {row + 1}, column {col + 1}"
         names.append(f"{n}x{n} grid, {place}")
     seen = Counter(names)
-    names = [f"{name}, {_place(box)}" if detected and seen[name] > 1 else name
-             for name, box, detected in zip(names, unit, regions.detected)]
+    extent = np.maximum(regions.boxes[:, 2:].max(0), 1e-6)  # the photo's size, as far as its regions show it
+    names = [f"{name}, {_place(box, *extent)}" if detected and seen[name] > 1 else name
+             for name, box, detected in zip(names, regions.boxes, regions.detected)]
     total, count = Counter(names), Counter()
     for k, name in enumerate(names):
         if total[name] > 1:
