@@ -80,7 +80,8 @@ def label_prior_command(checkpoint: Path, out: Path, data: Path, grounding_data:
     if scale is not None:
         model, _ = with_label_prior(base, settings, scale, unit)
         choice = {"chosen": scale, "unit": unit, "rule": "given", "from": str(checkpoint)}
-        save_checkpoint(model, new_settings, out, {**info, "label_prior": choice})
+        dev_metrics = recall_metrics(*split_scores(model, dev, dev_table))
+        save_checkpoint(model, new_settings, out, {**info, "dev": dev_metrics, "label_prior": choice})
         print(f"scale {scale:g} (unit {unit:.3f}); wrote {out}")
         return choice
     if grounding_data is None:
@@ -90,12 +91,12 @@ def label_prior_command(checkpoint: Path, out: Path, data: Path, grounding_data:
     coco = coco.split(coco_split)
     truth = read_instances(coco, coco_split)
     coco_table = table_for(coco, new_settings, device=device)
-    rows = {}
+    rows, dev_metrics = {}, {}
     for scale in sorted({0.0, *scales}):  # scale 0: the checkpoint's own scores, the floor's reference
         model, _ = with_label_prior(base, settings, scale, unit)
-        scores, owner = split_scores(model, dev, dev_table)
+        dev_metrics[scale] = recall_metrics(*split_scores(model, dev, dev_table))
         grounding = pointing_game(model, coco_table, coco, truth)
-        rows[scale] = {"rsum": recall_metrics(scores, owner)["rsum"], "pointing": grounding["hard_pointing"],
+        rows[scale] = {"rsum": dev_metrics[scale]["rsum"], "pointing": grounding["hard_pointing"],
                        "iou50": grounding["hard_iou50"]}
         print(f"scale {scale:g}: dev RSUM {rows[scale]['rsum']:.1f}, dev pointing {rows[scale]['pointing']:.3f}, "
               f"IoU >= 0.5 {rows[scale]['iou50']:.3f}", flush=True)
@@ -105,6 +106,6 @@ def label_prior_command(checkpoint: Path, out: Path, data: Path, grounding_data:
     model, _ = with_label_prior(base, settings, chosen, unit)
     choice = {"chosen": chosen, "unit": unit, "rule": f"best dev pointing with dev RSUM >= scale 0's - {min_rsum_drop:g}",
               "by_scale": {f"{s:g}": r for s, r in rows.items()}, "from": str(checkpoint)}
-    save_checkpoint(model, new_settings, out, {**info, "label_prior": choice})
+    save_checkpoint(model, new_settings, out, {**info, "dev": dev_metrics[chosen], "label_prior": choice})
     print(f"chosen scale {chosen:g}; wrote {out}")
     return choice
