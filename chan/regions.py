@@ -63,7 +63,7 @@ def _place(box, width: float, height: float) -> str:
     """Where a box's centre lies, in words: 'top left', 'centre', 'bottom right' (thirds of width x height)."""
     row = ("top", "middle", "bottom")[min(2, max(0, int((box[1] + box[3]) / 2 / height * 3)))]
     col = ("left", "centre", "right")[min(2, max(0, int((box[0] + box[2]) / 2 / width * 3)))]
-    return "centre" if (row, col) == ("middle", "centre") else f"{row} {col}" if row != "middle" else f"middle {col}"
+    return "centre" if (row, col) == ("middle", "centre") else f"{row} {col}"
 
 
 def region_names(regions: Regions) -> list[str]:

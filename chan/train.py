@@ -65,7 +65,7 @@ class TrainConfig:
     detector_sizing: str = RegionSettings.detector_sizing  # proposals: fixed sizes, or one from the photo's size
     detector_sizes: tuple[int, ...] = RegionSettings.detector_sizes
     detector_precision: str = RegionSettings.detector_precision  # proposals: fp32, or int8 (ONNX Runtime)
-    class_evidence: bool = False  # proposals: each region's feature carries the detector's class probabilities
+    class_evidence: bool = False  # proposals: each region's feature ends with the detector's confidence in each class
     global_weight: float = 0.0  # >0: train with a global term in the score (W x cosine of the mean region and mean word)
     # >0 (needs class evidence): add this x the detector's labels distilled into the words that name them (weak_labels)
     grounding_weight: float = 0.0
