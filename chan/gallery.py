@@ -364,12 +364,12 @@ class Gallery:
     def describe(self) -> str:
         info = self.info or {}
         dev = info.get("dev", {})
-        grounding = info.get("grounding", {}).get("hard_pointing") is not None and info["grounding"]
+        grounding = info.get("grounding", {})
         return (f"{len(self.all_photos)} photos, {len(self.dataset.captions)} captions · model: "
                 f"{self.model.config.text_encoder} + {self.model.config.similarity} alignment"
                 + (f" · dev RSUM {dev['rsum']:.1f}" if "rsum" in dev else "")
                 + (f" · words point at their object {grounding['hard_pointing']:.0%} of the time on COCO dev photos "
-                   f"(box IoU ≥ 0.5: {grounding['hard_iou50']:.0%})" if grounding else "")
+                   f"(box IoU ≥ 0.5: {grounding['hard_iou50']:.0%})" if "hard_pointing" in grounding else "")
                 + (f" · imported from {info['imported_from']}" if "imported_from" in info else "")
                 + (f" · regions by the {self.settings.detector_precision} detector (trained on "
                    f"{self.trained_settings.detector_precision})" if self.other_regions else "")

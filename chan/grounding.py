@@ -26,6 +26,7 @@ from .encoding import encode_captions, encode_table
 from .evaluate import protocol_pairs
 from .features import RegionTable
 from .model import CHAN
+from .pair import word_spans
 from .similarity import _scan_attention
 
 # COCO category -> the caption words that name it. For measuring only: training finds its words through the text
@@ -109,43 +110,20 @@ def box_hits(box: np.ndarray, truth: np.ndarray) -> tuple[bool, float]:
     return inside, float((inter / np.maximum(area(box) + area(truth) - inter, 1e-9)).max())
 
 
-def word_spans(tokens: list[str]) -> list[tuple[str, list[int]]]:
-    """Whole words and the positions of their pieces: ['skate', '##board'] -> [('skateboard', [0, 1])]."""
-    out: list[tuple[str, list[int]]] = []
-    for i, token in enumerate(tokens):
-        if token.startswith("##") and out:
-            out[-1] = (out[-1][0] + token[2:], out[-1][1] + [i])
-        else:
-            out.append((token, [i]))
-    return out
-
-
-def _word_rows(model: CHAN, table: RegionTable, dataset: Dataset) -> list[tuple[str, str, torch.Tensor]]:
-    """(photo id, word, the word's (K,) cosines) for every whole word of every caption, against its own photo."""
+def _word_rows(model: CHAN, table: RegionTable, dataset: Dataset,
+               attention: bool = False) -> list[tuple[str, str, torch.Tensor]]:
+    """(photo id, word, the word's (K,) row) for every whole word of every caption, against its own photo: the row is
+    its cosines over the photo's regions, or with `attention` its SCAN attention weights."""
     ids, texts, owner = protocol_pairs(dataset)
     images = encode_table(model, table, ids).embeddings
     captions = encode_captions(model, texts)
     out = []
     for c, photo in enumerate(owner.tolist()):
         n = int(captions.mask[c].sum())
-        sims = captions.embeddings[c][captions.mask[c]] @ images[photo].T  # (n, K): the pooled tokens only
-        for word, pieces in word_spans(captions.words[c][:n]):
-            out.append((ids[photo], word.lower(), sims[pieces].mean(0)))
-    return out
-
-
-def _attention_rows(model: CHAN, table: RegionTable, dataset: Dataset) -> list[torch.Tensor]:
-    """Each whole word's SCAN attention over its photo's regions, in `_word_rows`' order."""
-    ids, texts, owner = protocol_pairs(dataset)
-    images = encode_table(model, table, ids).embeddings
-    captions = encode_captions(model, texts)
-    out = []
-    for c, photo in enumerate(owner.tolist()):
-        n = int(captions.mask[c].sum())
-        words = captions.embeddings[c][captions.mask[c]]
-        sims = (words @ images[photo].T)[None, :, None, :]  # (1, n, 1, K)
-        alpha = _scan_attention(sims, torch.ones(1, n, dtype=torch.bool))[0, :, 0]
-        out += [alpha[pieces].mean(0) for _, pieces in word_spans(captions.words[c][:n])]
+        rows = captions.embeddings[c][captions.mask[c]] @ images[photo].T  # (n, K): the pooled tokens only
+        if attention:
+            rows = _scan_attention(rows[None, :, None, :], torch.ones(1, n, dtype=torch.bool))[0, :, 0]
+        out += [(ids[photo], word.lower(), rows[pieces].mean(0)) for word, pieces in word_spans(captions.words[c][:n])]
     return out
 
 
@@ -155,7 +133,7 @@ def pointing_game(model: CHAN, table: RegionTable, dataset: Dataset, truth: Grou
     """Pointing and IoU >= 0.5 of each row over every caption word that names a category present in its photo."""
     model.eval()
     words = _word_rows(model, table, dataset)
-    attention = _attention_rows(comparison[0].eval(), comparison[1], dataset) if comparison else None
+    attention = _word_rows(comparison[0].eval(), comparison[1], dataset, attention=True) if comparison else None
     coco_names = dict(enumerate(COCO_CATEGORIES))  # label ids below 80 are the detector's classes
     rng = np.random.default_rng(seed)
     sizes = {p.id: Image.open(p.path).size for p in dataset.photos}  # the header only
@@ -181,7 +159,7 @@ def pointing_game(model: CHAN, table: RegionTable, dataset: Dataset, truth: Grou
         }
         if attention is not None:
             comparison_boxes = comparison[1].boxes[comparison[1].index[photo]].numpy()
-            choices["soft"] = comparison_boxes[int(attention[n].argmax())]
+            choices["soft"] = comparison_boxes[int(attention[n][2].argmax())]
         for row, box in choices.items():
             hits[row].append((*box_hits(box, true_boxes), word))
     out: dict = {"words": len(hits["hard"])}

@@ -93,15 +93,20 @@ def region_embeddings(model: CHAN, regions: Regions) -> torch.Tensor:
     return model.encode_images(torch.from_numpy(regions.features)[None], maps=maps)[0][0]
 
 
+def word_spans(tokens: list[str]) -> list[tuple[str, list[int]]]:
+    """Whole words and the positions of their pieces: ['skate', '##board'] -> [('skateboard', [0, 1])]."""
+    out: list[tuple[str, list[int]]] = []
+    for i, token in enumerate(tokens):
+        if token.startswith("##") and out:
+            out[-1] = (out[-1][0] + token[2:], out[-1][1] + [i])
+        else:
+            out.append((token.removeprefix("##"), [i]))
+    return out
+
+
 def whole_words(tokens: list[str]) -> list[str]:
     """For each token, the word it is part of: word pieces ('skate', '##board') are joined ('skateboard')."""
-    out, start = list(tokens), 0
-    for i, t in enumerate(tokens + [""]):
-        if not t.startswith("##"):
-            word = "".join(p.removeprefix("##") for p in tokens[start:i])
-            out[start:i] = [word] * (i - start)
-            start = i
-    return out
+    return [word for word, pieces in word_spans(tokens) for _ in pieces]
 
 
 def word_names(tokens: list[str]) -> list[str]:

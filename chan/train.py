@@ -386,7 +386,7 @@ def train(c: TrainConfig) -> dict:
                     else triplet_loss(scores, same_photo, c.margin, hardest=epoch >= c.warmup_epochs))
             if word_classes is not None:  # each caption's words against its own photo's regions
                 cosines = torch.einsum("bld,bkd->blk", words.float(), regions.float())
-                evidence = table.features[rows][..., EVIDENCE_START:].float().to(device)
+                evidence = table.features[rows, :, EVIDENCE_START:].float().to(device)
                 distilled, _ = label_distillation_loss(cosines, region_mask.to(device), pooled,
                                                        word_classes[idx, : words.shape[1]].float().to(device), evidence,
                                                        c.grounding_threshold)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from chan.data import DatasetError, open_dataset
-from chan.grounding import CATEGORY_WORDS, COCO_CATEGORIES, WORD_CATEGORY, box_hits, read_instances, word_spans
+from chan.grounding import CATEGORY_WORDS, COCO_CATEGORIES, WORD_CATEGORY, box_hits, read_instances
+from chan.pair import word_spans
 from chan.weak_labels import label_distillation_loss
 
 COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "coco-mini-train2017"
